@@ -1,0 +1,130 @@
+"""Typed, validated parameters for every pipeline.
+
+Each top-level key of ``conf/base/parameters_<pipeline>.yml`` has a pydantic model here. The project hook
+validates every section before any node runs, so a wrong type or an impossible value fails at once with
+the key's dotted name, the value given and the file to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParameterError(ValueError):
+    """Raised when a parameter has a wrong type or an impossible value."""
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestionParams(_Params):
+    min_images_per_class: int = Field(2, ge=1)
+    excluded_families: list[str] = Field(
+        default_factory=lambda: ["Seal", "Bearing", "Shaft", "Strap", "Hose", "Belt", "Link", "Arm", "Bushing",
+                                 "Kit", "Set"]
+    )
+    compound_min_length: int = Field(5, ge=1)
+    always_keep: list[str] = Field(default_factory=list)
+    max_file_mb: float = Field(50.0, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    min_side: int = Field(8, ge=1)
+
+
+class PreprocessingParams(_Params):
+    image_size: int = Field(100, ge=8, le=1024)
+    color_mode: Literal["grayscale", "rgb"] = "grayscale"
+    background: int = Field(255, ge=0, le=255)
+
+
+class SplitParams(_Params):
+    seed: int = 42
+    train_fraction: float = Field(0.8, gt=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    open_set_fraction: float = Field(0.2, ge=0, lt=1)
+    open_set_classes: list[str] = Field(default_factory=list)
+    open_set_min_images: int = Field(2, ge=2)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train_fraction + val_fraction + test_fraction must be 1, got {total:g}")
+        return self
+
+
+class EdaParams(_Params):
+    top_n: int = Field(30, ge=1)
+    table_rows: int = Field(5, ge=1)
+    pca_variance_target: float = Field(0.96, gt=0, le=1)
+    pca_max_components: int = Field(500, ge=1)
+    scree_components: int = Field(30, ge=1)
+    n_eigen_images: int = Field(5, ge=1)
+    grid_categories: int = Field(12, ge=1)
+    samples_per_category: int = Field(6, ge=1)
+    seed: int = 0
+
+
+SECTIONS: dict[str, type[_Params]] = {
+    "ingestion": IngestionParams,
+    "preprocessing": PreprocessingParams,
+    "split": SplitParams,
+    "eda": EdaParams,
+}
+
+PARAMETER_FILES: dict[str, str] = {
+    "ingestion": "parameters_ingestion.yml",
+    "preprocessing": "parameters_preprocessing.yml",
+    "split": "parameters_preprocessing.yml",
+    "eda": "parameters_eda.yml",
+}
+
+
+def register_section(name: str, model: type[_Params], parameter_file: str) -> None:
+    """Register the parameter model of a pipeline section (used by the model pipelines)."""
+    SECTIONS[name] = model
+    PARAMETER_FILES[name] = parameter_file
+
+
+def parse(section: str, raw: Any, model: type[_Params] | None = None) -> Any:
+    """Validate ``raw`` as the parameters of ``section``; raise ParameterError naming the dotted key."""
+    model = model or SECTIONS[section]
+    if isinstance(raw, model):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParameterError(
+            f"Parameter '{section}' must be a mapping, got {type(raw).__name__}. "
+            f"Fix it in conf/base/{PARAMETER_FILES.get(section, 'parameters.yml')}."
+        )
+    try:
+        return model.model_validate(dict(raw))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join([section, *(str(p) for p in err["loc"])]) if err["loc"] else section
+            given = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
+            lines.append(f"  - '{key}': {err['msg']}{given}")
+        raise ParameterError(
+            "Invalid parameters:\n" + "\n".join(lines) + "\nFix them in "
+            f"conf/base/{PARAMETER_FILES.get(section, 'parameters.yml')} or with --params={section}.KEY=VALUE."
+        ) from None
+
+
+def validate_all(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate every registered section present in ``params``; collect all problems into one error."""
+    problems, parsed = [], {}
+    for section in SECTIONS:
+        if section not in params:
+            continue
+        try:
+            parsed[section] = parse(section, params[section])
+        except ParameterError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ParameterError("\n".join(problems))
+    return parsed

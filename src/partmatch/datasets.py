@@ -1,0 +1,294 @@
+"""Custom Kedro datasets: the raw image source, versioned NumPy arrays and versioned PyTorch models.
+
+``ImageSourceDataset`` is the one place that knows how a raw photo collection is laid out on disk
+(a folder tree read through kedro-datasets' ``PartitionedDataset``, or a Kaggle-style CSV manifest);
+every node receives an :class:`ImageSource` and reads bytes only through its loaders.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+from kedro.io.core import (
+    AbstractDataset,
+    AbstractVersionedDataset,
+    DatasetError,
+    Version,
+    get_filepath_str,
+    get_protocol_and_path,
+)
+from kedro_datasets.partitions import PartitionedDataset
+from kedro_mlflow.io.artifacts import MlflowArtifactDataset as _KedroMlflowArtifactDataset
+
+logger = logging.getLogger(__name__)
+
+CSV_REQUIRED_COLUMNS = ("filepaths", "labels")
+CSV_SPLIT_COLUMN = "data set"
+SPLIT_FOLDER_NAMES = {"train", "training", "valid", "validation", "val", "test", "testing"}
+
+
+@dataclass
+class ImageSource:
+    """A raw photo collection: one row per file (key, label, split hint) and a lazy byte loader per key."""
+
+    root: str
+    kind: str  # "folder" | "csv"
+    records: pd.DataFrame  # columns: path, label, split_hint
+    loaders: dict[str, Callable[[], bytes]] = field(repr=False)
+    skipped: list[dict] = field(default_factory=list)  # files outside any category folder
+
+    def read_bytes(self, key: str) -> bytes:
+        """Return the bytes of one file of the source (the only way nodes open raw photos)."""
+        return self.loaders[key]()
+
+
+class BytesDataset(AbstractDataset[bytes, bytes]):
+    """Reads (and writes) one file as raw bytes; decoding is left to the nodes so bad files can be quarantined."""
+
+    def __init__(self, *, filepath: str, fs_args: dict | None = None, credentials: dict | None = None) -> None:
+        protocol, path = get_protocol_and_path(str(filepath))
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol, **(credentials or {}), **(fs_args or {}))
+        self._filepath = PurePosixPath(path)
+
+    def load(self) -> bytes:
+        with self._fs.open(get_filepath_str(self._filepath, self._protocol), "rb") as f:
+            return f.read()
+
+    def save(self, data: bytes) -> None:
+        with self._fs.open(get_filepath_str(self._filepath, self._protocol), "wb") as f:
+            f.write(data)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "protocol": self._protocol}
+
+
+def _split_hint(parts: tuple[str, ...]) -> str | None:
+    for part in parts[:-2]:
+        if part.lower() in SPLIT_FOLDER_NAMES:
+            return part.lower()
+    return None
+
+
+class ImageSourceDataset(AbstractDataset[ImageSource, None]):
+    """Read-only dataset for a raw photo collection given as a folder tree or a Kaggle-style CSV.
+
+    * Folder: every file below ``path``; the category is the file's parent folder, so both
+      ``<CLASS>/img.jpg`` and ``train/<CLASS>/img.jpg`` work. Files directly in ``path`` are skipped.
+    * CSV (``path`` ends with ``.csv``): columns ``filepaths`` and ``labels`` (optional ``data set``),
+      paths relative to the CSV's folder.
+
+    When ``path`` equals ``demo_path`` and does not exist yet, the deterministic demo catalogue is
+    generated there first (never a download).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        demo_path: str | None = None,
+        demo_seed: int = 0,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._path = str(path)
+        self._demo_path = demo_path
+        self._demo_seed = demo_seed
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path, "demo_path": self._demo_path}
+
+    def _exists(self) -> bool:
+        return Path(self._path).exists()
+
+    def save(self, data: ImageSource) -> None:
+        raise DatasetError(f"ImageSourceDataset at '{self._path}' is read-only: raw photos are never overwritten.")
+
+    def load(self) -> ImageSource:
+        path = Path(self._path)
+        if self._demo_path is not None and not path.exists() and _same_path(path, Path(self._demo_path)):
+            from partmatch.demo import ensure_demo_catalogue
+
+            logger.info("Demo catalogue missing at %s: generating it (deterministic, seed %d).", path, self._demo_seed)
+            ensure_demo_catalogue(path, seed=self._demo_seed)
+        if not path.exists():
+            raise DatasetError(
+                f"raw_source '{self._path}' does not exist. Pass a folder with one sub-folder per category or a "
+                "Kaggle-style CSV: kedro run --params=raw_source=PATH"
+            )
+        if path.is_file():
+            if path.suffix.lower() != ".csv":
+                raise DatasetError(
+                    f"raw_source '{self._path}' is a file but not a .csv manifest. Pass a folder with one sub-folder "
+                    "per category, or a CSV with columns 'filepaths' and 'labels'."
+                )
+            source = self._load_csv(path)
+        else:
+            source = self._load_folder(path)
+        if source.records.empty:
+            raise DatasetError(
+                f"raw_source '{self._path}' contains no image files in category folders. Expected "
+                "'<CATEGORY>/<photo>.jpg' (or 'train/<CATEGORY>/<photo>.jpg') below it, or a CSV manifest."
+            )
+        logger.info("Image source %s (%s): %d files, %d categories.", path, source.kind, len(source.records),
+                    source.records["label"].nunique())
+        return source
+
+    def _load_folder(self, path: Path) -> ImageSource:
+        partitions = PartitionedDataset(
+            path=str(path),
+            dataset={"type": f"{__name__}.BytesDataset"},
+            filename_suffix="",
+        ).load()
+        rows, loaders, skipped = [], {}, []
+        for key in sorted(partitions):
+            parts = PurePosixPath(key).parts
+            if any(p.startswith(".") for p in parts):
+                continue
+            if len(parts) < 2:
+                skipped.append({"path": key, "reason": "file directly in the source folder, not in a category folder"})
+                continue
+            rows.append({"path": key, "label": parts[-2], "split_hint": _split_hint(parts)})
+            loaders[key] = partitions[key]
+        records = pd.DataFrame(rows, columns=["path", "label", "split_hint"])
+        return ImageSource(root=str(path), kind="folder", records=records, loaders=loaders, skipped=skipped)
+
+    def _load_csv(self, path: Path) -> ImageSource:
+        try:
+            table = pd.read_csv(path)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise DatasetError(f"Cannot read CSV manifest '{path}': {exc}") from exc
+        table.columns = [str(c).strip() for c in table.columns]
+        missing = [c for c in CSV_REQUIRED_COLUMNS if c not in table.columns]
+        if missing:
+            raise DatasetError(
+                f"CSV manifest '{path}' lacks column(s) {missing}; found {list(table.columns)}. A Kaggle-style "
+                "manifest needs 'filepaths' (relative to the CSV's folder) and 'labels' (optional 'data set')."
+            )
+        base = path.parent
+        hints = table[CSV_SPLIT_COLUMN] if CSV_SPLIT_COLUMN in table.columns else pd.Series([None] * len(table))
+        rows, loaders = [], {}
+        for rel, label, hint in zip(table["filepaths"], table["labels"], hints, strict=True):
+            rel, label = str(rel).strip(), str(label).strip()
+            if rel in loaders:
+                continue
+            split_hint = None if hint is None or pd.isna(hint) else str(hint).strip().lower()
+            rows.append({"path": rel, "label": label, "split_hint": split_hint})
+            loaders[rel] = BytesDataset(filepath=str(base / rel)).load
+        records = pd.DataFrame(rows, columns=["path", "label", "split_hint"])
+        return ImageSource(root=str(base), kind="csv", records=records, loaders=loaders)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.normpath(a.absolute()) == os.path.normpath(b.absolute())
+
+
+class _VersionedBinaryDataset(AbstractVersionedDataset[Any, Any]):
+    """Shared plumbing for versioned single-file binary datasets (fsspec, versioning, exists)."""
+
+    def __init__(
+        self,
+        *,
+        filepath: str,
+        version: Version | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        _fs_args = deepcopy(fs_args) or {}
+        protocol, path = get_protocol_and_path(str(filepath), version)
+        self._protocol = protocol
+        if protocol == "file":
+            _fs_args.setdefault("auto_mkdir", True)
+        self._fs = fsspec.filesystem(protocol, **(credentials or {}), **_fs_args)
+        self.metadata = metadata
+        super().__init__(
+            filepath=PurePosixPath(path), version=version, exists_function=self._fs.exists,
+            glob_function=self._fs.glob,
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
+
+    def _decode(self, raw: bytes) -> Any:
+        raise NotImplementedError
+
+    def _encode(self, data: Any) -> bytes:
+        raise NotImplementedError
+
+    def load(self) -> Any:
+        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        with self._fs.open(load_path, "rb") as f:
+            return self._decode(f.read())
+
+    def save(self, data: Any) -> None:
+        payload = self._encode(data)  # encode first: a failing encode never leaves a half-written file
+        save_path = get_filepath_str(self._get_save_path(), self._protocol)
+        with self._fs.open(save_path, "wb") as f:
+            f.write(payload)
+        self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
+
+    def _exists(self) -> bool:
+        try:
+            load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        except DatasetError:
+            return False
+        return self._fs.exists(load_path)
+
+
+class NpyDataset(_VersionedBinaryDataset):
+    """Versioned NumPy array stored as ``.npy`` (no pickle), e.g. the decoded uint8 image tensor."""
+
+    def _decode(self, raw: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+
+    def _encode(self, data: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
+        return buf.getvalue()
+
+
+class TorchModelDataset(_VersionedBinaryDataset):
+    """Versioned PyTorch checkpoint ``{"spec": ..., "state_dict": ..., ...}`` loaded with ``weights_only=True``."""
+
+    def _decode(self, raw: bytes) -> dict:
+        import torch
+
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+    def _encode(self, data: dict) -> bytes:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        return buf.getvalue()
+
+
+class MlflowArtifactDataset(_KedroMlflowArtifactDataset):
+    """kedro-mlflow's ``MlflowArtifactDataset`` that shares the catalog's save version with the wrapped dataset.
+
+    kedro-mlflow 2.0.3 builds the wrapped dataset without the catalog's save version, so each wrapped
+    versioned dataset would stamp its own timestamp when Kedro 1.x materialises it lazily, and the catalog
+    refuses the mismatch (``VersionAlreadyExistsError``). Declaring ``versioned = True`` makes Kedro pass
+    its ``Version(load, save)``; it is handed to the inner dataset when that one is versioned.
+    """
+
+    versioned = True
+
+    def __new__(cls, dataset: str | dict, run_id: str | None = None, artifact_path: str | None = None,
+                credentials: dict | None = None, metadata: dict | None = None, version: Version | None = None):
+        instance = _KedroMlflowArtifactDataset(dataset=dataset, run_id=run_id, artifact_path=artifact_path,
+                                               credentials=credentials, metadata=metadata)
+        if version is not None and isinstance(instance, AbstractVersionedDataset) and instance._version is not None:
+            instance._version = version
+        return instance

@@ -1,0 +1,148 @@
+"""Ingestion nodes: scan the raw source into a manifest, quarantine bad files, apply the cleaning rules."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import PurePosixPath
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from partmatch import config
+from partmatch.cleaning import find_duplicates, matched_family, unsafe_label_reason
+from partmatch.datasets import ImageSource
+from partmatch.imaging import IMAGE_EXTENSIONS, inspect_image
+from partmatch.tracking import as_mlflow_metrics
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["path", "label", "split_hint", "sha256", "width", "height", "mode", "format",
+                    "exif_orientation", "bytes"]
+DROP_COLUMNS = ["path", "label", "stage", "reason"]
+
+
+class CleaningError(RuntimeError):
+    """Raised when nothing usable is left after ingestion; the quarantine list says why."""
+
+
+def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read and fully decode every file once; return the manifest of good images and the quarantine list."""
+    p = config.parse("ingestion", params)
+    max_bytes = int(p.max_file_mb * 1024 * 1024)
+    good, bad = [], [{**s, "label": None, "stage": "scan"} for s in raw_images.skipped]
+    for rec in tqdm(raw_images.records.itertuples(index=False), total=len(raw_images.records),
+                    desc="ingestion: verifying images", unit="img", mininterval=2):
+        reason = unsafe_label_reason(rec.label)
+        if reason is None and PurePosixPath(rec.path).suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = f"not an image file (extension '{PurePosixPath(rec.path).suffix}')"
+        if reason is None:
+            try:
+                data = raw_images.read_bytes(rec.path)
+            except FileNotFoundError:
+                reason = f"file not found under {raw_images.root}"
+            except OSError as exc:
+                reason = f"cannot read file: {type(exc).__name__}: {exc}"
+        if reason is None:
+            info = inspect_image(data, max_bytes=max_bytes, max_pixels=p.max_pixels, min_side=p.min_side)
+            if info.error is None:
+                good.append({"path": rec.path, "label": rec.label, "split_hint": rec.split_hint, "sha256": info.sha256,
+                             "width": info.width, "height": info.height, "mode": info.mode, "format": info.format,
+                             "exif_orientation": info.exif_orientation, "bytes": info.bytes})
+                continue
+            reason = info.error
+        bad.append({"path": rec.path, "label": rec.label, "stage": "quarantine", "reason": reason})
+    manifest = pd.DataFrame(good, columns=MANIFEST_COLUMNS).astype({"exif_orientation": "Int64"})
+    quarantine = pd.DataFrame(bad, columns=DROP_COLUMNS)
+    logger.info("Scanned %d files: %d usable, %d quarantined.", len(raw_images.records), len(manifest),
+                int((quarantine["stage"] == "quarantine").sum()))
+    return manifest, quarantine
+
+
+def clean_manifest(manifest: pd.DataFrame, quarantine: pd.DataFrame,
+                   params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop duplicates, excluded keyword families and rare categories; return (clean manifest, dropped files)."""
+    p = config.parse("ingestion", params)
+    if manifest.empty:
+        reasons = quarantine["reason"].value_counts().head(5).to_dict() if not quarantine.empty else {}
+        raise CleaningError(
+            f"No usable image in raw_source: {len(quarantine)} file(s) quarantined, 0 left. Most common reasons: "
+            f"{reasons}. See the quarantine list (catalog entry 'quarantine', data/02_intermediate/quarantine.csv) "
+            "and point --params=raw_source=PATH at a folder of photos in category sub-folders or a CSV manifest."
+        )
+    dropped = []
+    dup_reasons, conflicts = find_duplicates(manifest)
+    for conflict in conflicts:
+        logger.warning("Duplicate conflict: identical photo filed under %s: %s", conflict["labels"], conflict["paths"])
+    is_dup = dup_reasons.notna()
+    dropped.append(manifest.loc[is_dup, ["path", "label"]].assign(stage="duplicate", reason=dup_reasons[is_dup]))
+    kept = manifest.loc[~is_dup]
+
+    families = {label: matched_family(label, p.excluded_families, p.compound_min_length, p.always_keep)
+                for label in kept["label"].unique()}
+    in_family = kept["label"].map(families).notna()
+    dropped.append(kept.loc[in_family, ["path", "label"]].assign(
+        stage="excluded_family",
+        reason=kept.loc[in_family, "label"].map(lambda lab: f"category in excluded keyword family '{families[lab]}'")))
+    kept = kept.loc[~in_family]
+
+    counts = kept["label"].value_counts()
+    rare = kept["label"].map(counts) < p.min_images_per_class
+    dropped.append(kept.loc[rare, ["path", "label"]].assign(
+        stage="rare_category",
+        reason=kept.loc[rare, "label"].map(
+            lambda lab: f"category has {counts[lab]} photo(s) < {p.min_images_per_class} (ingestion.min_images_per_class)")))
+    kept = kept.loc[~rare].sort_values(["label", "path"]).reset_index(drop=True)
+    if kept.empty:
+        raise CleaningError(
+            f"Every category was dropped by cleaning ({manifest['label'].nunique()} categories in). Lower "
+            "ingestion.min_images_per_class or edit ingestion.excluded_families in conf/base/parameters_ingestion.yml."
+        )
+    dropped_df = pd.concat([quarantine[DROP_COLUMNS]] + [d[DROP_COLUMNS] for d in dropped], ignore_index=True)
+    return kept, dropped_df
+
+
+def summarise_cleaning(raw_manifest: pd.DataFrame, dropped: pd.DataFrame, clean: pd.DataFrame,
+                       params: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, dict]]:
+    """Write the human-readable cleaning report; return (markdown, counts as JSON, counts as MLflow metrics)."""
+    p = config.parse("ingestion", params)
+    n_quarantined = int((dropped["stage"] == "quarantine").sum())
+    files_before = len(raw_manifest) + n_quarantined
+    labels_before = set(raw_manifest["label"]) | set(dropped.loc[dropped["stage"] == "quarantine", "label"].dropna())
+    by_stage = dropped.groupby("stage").size().to_dict()
+    counts = {
+        "files_before": files_before,
+        "images_before": len(raw_manifest),
+        "categories_before": len(labels_before),
+        "images_after": len(clean),
+        "categories_after": int(clean["label"].nunique()),
+        "quarantined": n_quarantined,
+        "skipped": int(by_stage.get("scan", 0)),
+        "duplicates_dropped": int(by_stage.get("duplicate", 0)),
+        "excluded_family_images": int(by_stage.get("excluded_family", 0)),
+        "rare_category_images": int(by_stage.get("rare_category", 0)),
+    }
+    cat_drops = (dropped[dropped["stage"].isin(["excluded_family", "rare_category"])]
+                 .groupby(["label", "stage", "reason"]).size().reset_index(name="photos"))
+    counts["excluded_family_categories"] = int((cat_drops["stage"] == "excluded_family").sum())
+    counts["rare_categories"] = int((cat_drops["stage"] == "rare_category").sum())
+    lines = [
+        "# Cleaning report", "",
+        "| | images | categories |", "|---|---:|---:|",
+        f"| before (decodable) | {counts['images_before']} | {counts['categories_before']} |",
+        f"| after | {counts['images_after']} | {counts['categories_after']} |", "",
+        f"Files scanned: {files_before}. Quarantined: {n_quarantined}. Exact duplicates dropped: "
+        f"{counts['duplicates_dropped']}. Photos in excluded keyword families: {counts['excluded_family_images']} "
+        f"({counts['excluded_family_categories']} categories). Photos in categories with fewer than "
+        f"{p.min_images_per_class} photos: {counts['rare_category_images']} ({counts['rare_categories']} categories).",
+        "", f"Excluded families: {', '.join(p.excluded_families)} (rule: see conf/base/parameters_ingestion.yml).",
+        "", "## Dropped categories", "", "| category | stage | reason | photos |", "|---|---|---|---:|",
+        *[f"| {r.label} | {r.stage} | {r.reason} | {r.photos} |" for r in cat_drops.itertuples()],
+        "", "## Every dropped or quarantined file", "", "| file | category | stage | reason |", "|---|---|---|---|",
+        *[f"| {r.path} | {'-' if pd.isna(r.label) else r.label} | {r.stage} | {r.reason} |"
+          for r in dropped.itertuples()], "",
+    ]
+    logger.info("Cleaning: %d images / %d categories -> %d images / %d categories.", counts["images_before"],
+                counts["categories_before"], counts["images_after"], counts["categories_after"])
+    metrics = as_mlflow_metrics(counts)
+    return "\n".join(lines), counts, metrics

@@ -1,0 +1,20 @@
+"""Wiring of the ingestion pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import clean_manifest, scan_source, summarise_cleaning
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """Scan the raw source, quarantine bad files, clean, and report."""
+    return Pipeline(
+        [
+            Node(scan_source, ["raw_images", "params:ingestion"], ["raw_manifest", "quarantine"],
+                 name="scan_source"),
+            Node(clean_manifest, ["raw_manifest", "quarantine", "params:ingestion"],
+                 ["clean_manifest", "dropped_files"], name="clean_manifest"),
+            Node(summarise_cleaning, ["raw_manifest", "dropped_files", "clean_manifest", "params:ingestion"],
+                 ["cleaning_report", "cleaning_counts", "ingestion_metrics"], name="summarise_cleaning"),
+        ],
+        tags=["ingestion"],
+    )

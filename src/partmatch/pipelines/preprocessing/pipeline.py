@@ -1,0 +1,18 @@
+"""Wiring of the preprocessing pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import preprocess_images, split_images
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """Decode once into a uint8 array, then split into train/val/test and the open set."""
+    return Pipeline(
+        [
+            Node(preprocess_images, ["raw_images", "clean_manifest", "params:preprocessing"],
+                 ["image_array", "image_index"], name="preprocess_images"),
+            Node(split_images, ["image_index", "params:split"], ["split_index", "split_summary", "split_metrics"],
+                 name="split_images"),
+        ],
+        tags=["preprocessing"],
+    )
