@@ -48,8 +48,18 @@ class ImageSource:
     skipped: list[dict] = field(default_factory=list)  # files outside any category folder
 
     def read_bytes(self, key: str) -> bytes:
-        """Return the bytes of one file of the source (the only way nodes open raw photos)."""
-        return self.loaders[key]()
+        """Return the bytes of one file of the source (the only way nodes open raw photos).
+
+        Raises the underlying ``OSError`` (e.g. ``FileNotFoundError``) rather than Kedro's wrapper, so callers
+        can quarantine the file with a precise reason.
+        """
+        try:
+            return self.loaders[key]()
+        except DatasetError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise
 
 
 class BytesDataset(AbstractDataset[bytes, bytes]):
@@ -145,11 +155,16 @@ class ImageSourceDataset(AbstractDataset[ImageSource, None]):
         return source
 
     def _load_folder(self, path: Path) -> ImageSource:
-        partitions = PartitionedDataset(
-            path=str(path),
-            dataset={"type": f"{__name__}.BytesDataset"},
-            filename_suffix="",
-        ).load()
+        try:
+            partitions = PartitionedDataset(
+                path=str(path),
+                dataset={"type": f"{__name__}.BytesDataset"},
+                filename_suffix="",
+            ).load()
+        except DatasetError as exc:
+            if "No partitions found" not in str(exc):
+                raise
+            partitions = {}
         rows, loaders, skipped = [], {}, []
         for key in sorted(partitions):
             parts = PurePosixPath(key).parts

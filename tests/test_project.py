@@ -1,0 +1,84 @@
+"""Project-level contracts: metadata, registered pipelines, catalog versioning, the graph kedro-viz reads."""
+
+import tomllib
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+
+DATA_PIPELINES = {"ingestion", "preprocessing", "eda"}
+
+
+def test_kedro_yml_agrees_with_pyproject():
+    tool = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["kedro"]
+    meta = yaml.safe_load((PROJECT_ROOT / ".kedro.yml").read_text())
+    for key in ("package_name", "project_name", "kedro_init_version", "source_dir"):
+        assert meta[key] == tool[key], key
+    import kedro
+
+    assert kedro.__version__.startswith(tool["kedro_init_version"].rsplit(".", 1)[0])
+
+
+def test_top_level_layout_and_telemetry_off():
+    for name in ("conf", "src", "data", "notebooks", "tests", "pyproject.toml", "README.md", ".kedro.yml"):
+        assert (PROJECT_ROOT / name).exists(), name
+    assert yaml.safe_load((PROJECT_ROOT / ".telemetry").read_text()) == {"consent": False}
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "make run" in readme[:1500] and "make test" in readme[:1500]
+    assert "make test" in (PROJECT_ROOT / ".ci" / "run").read_text()
+
+
+def test_mlflow_config_uses_sqlite_and_experiment():
+    cfg = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "mlflow.yml").read_text())
+    assert cfg["server"]["mlflow_tracking_uri"] == "sqlite:///mlflow.db"
+    assert cfg["tracking"]["experiment"]["name"] == "partmatch"
+
+
+@pytest.fixture(scope="module")
+def viz_data():
+    from kedro_viz.integrations.kedro.data_loader import load_data
+
+    catalog, pipelines, _ = load_data(PROJECT_ROOT)
+    return catalog, pipelines
+
+
+def test_pipelines_registered_under_their_names(viz_data):
+    _, pipelines = viz_data
+    assert DATA_PIPELINES <= set(pipelines)
+    default_nodes = {n.name for n in pipelines["__default__"].nodes}
+    for name in DATA_PIPELINES:
+        assert {n.name for n in pipelines[name].nodes} <= default_nodes
+
+
+def test_graph_is_complete_and_layered(viz_data):
+    """Every dataset a pipeline reads is produced by a node of the default pipeline or declared in the catalog."""
+    catalog, pipelines = viz_data
+    conf = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog.yml").read_text())
+    produced = set(pipelines["__default__"].all_outputs())
+    for name, pipe in pipelines.items():
+        for ds in pipe.all_inputs() | pipe.all_outputs():
+            if ds.startswith("params:") or ds == "parameters":
+                continue
+            assert ds in conf or ds in produced, f"{name}: dataset '{ds}' is neither declared nor produced"
+            assert ds in conf, f"{name}: dataset '{ds}' is not in catalog.yml (it would be a MemoryDataset)"
+    for ds, entry in conf.items():
+        assert entry.get("metadata", {}).get("kedro-viz", {}).get("layer"), f"{ds} has no kedro-viz layer"
+
+
+def test_every_file_artifact_is_versioned():
+    conf = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog.yml").read_text())
+    for name, entry in conf.items():
+        inner = entry.get("dataset", entry)
+        if "filepath" in inner:
+            assert inner.get("versioned") is True, f"{name} is not versioned"
+            layer = inner["filepath"].split("/")[1]
+            assert layer[:2].isdigit() and layer[2] == "_", f"{name} is outside the data layers"
+
+
+def test_invalid_parameter_fails_before_any_work(kedro_project, photo_folder):
+    from partmatch.config import ParameterError
+
+    with pytest.raises(ParameterError, match=r"'preprocessing\.image_size'.*got -5"):
+        kedro_project("ingestion", raw_source=str(photo_folder), **{"preprocessing": {"image_size": -5}})
+    assert not list((kedro_project.path / "data").rglob("*.parquet"))   # nothing was written
