@@ -68,11 +68,77 @@ class EdaParams(_Params):
     seed: int = 0
 
 
+class TrainingParams(_Params):
+    """Hyper-parameters of one model pipeline (``conf/base/parameters_<pipeline>.yml`` under its name)."""
+
+    task: Literal["classifier", "embedding"] = "embedding"
+    loss: Literal["cross_entropy", "contrastive", "triplet", "proxy_anchor", "contrastive+proxy_anchor",
+                  "quadruplet"] = "contrastive"
+    sampling: Literal["random", "semihard", "hard"] = "semihard"
+    margin: float = Field(1.0, gt=0)
+    margin2: float = Field(0.5, gt=0)
+    proxy_weight: float = Field(1.0, ge=0)
+    proxy_lr_multiplier: float = Field(100.0, gt=0)
+    embedding_dim: int = Field(64, ge=2, le=4096)
+    normalize: bool = False
+    backbone: str = "study_cnn"
+    pretrained: bool = False
+    weights_path: str | None = None
+    train_mode: Literal["frozen", "partial", "full"] = "full"
+    trainable_blocks: int = Field(2, ge=0)
+    backbone_lr_multiplier: float = Field(0.1, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)
+    m_per_class: int = Field(4, ge=2)
+    lr: float = Field(5e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int | None = Field(3, ge=1)
+    device: str = "auto"
+    seed: int = 42
+    amp: bool = True
+    augment: bool = False
+    resume: bool = False
+    checkpoint_dir: str | None = None
+    max_batches_per_epoch: int | None = Field(None, ge=1)
+    progress: bool = True
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+    threshold_pairs: int = Field(4000, ge=10)
+    eval_pairs: int = Field(2000, ge=10)
+    eval_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingParams:
+        if (self.task == "classifier") != (self.loss == "cross_entropy"):
+            raise ValueError("task 'classifier' goes with loss 'cross_entropy' and only with it")
+        if self.m_per_class > self.batch_size or self.batch_size % self.m_per_class:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+        if self.device not in {"auto", "cpu", "cuda", "mps"} and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        return self
+
+
+class EvaluateParams(_Params):
+    model: str = "siamese_triplet"
+    source: str | None = None
+    seed: int = 0
+
+
+class CompareParams(_Params):
+    models: list[str] = Field(default_factory=lambda: list(MODEL_PIPELINES))
+    chart_metrics: list[str] = Field(default_factory=lambda: ["precision_at_1", "map_at_r", "open_set_precision_at_1",
+                                                              "open_set_map_at_r", "pair_accuracy"])
+
+
+MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet")
+
 SECTIONS: dict[str, type[_Params]] = {
     "ingestion": IngestionParams,
     "preprocessing": PreprocessingParams,
     "split": SplitParams,
     "eda": EdaParams,
+    **{name: TrainingParams for name in MODEL_PIPELINES},
+    "evaluate": EvaluateParams,
+    "compare": CompareParams,
 }
 
 PARAMETER_FILES: dict[str, str] = {
@@ -80,6 +146,9 @@ PARAMETER_FILES: dict[str, str] = {
     "preprocessing": "parameters_preprocessing.yml",
     "split": "parameters_preprocessing.yml",
     "eda": "parameters_eda.yml",
+    **{name: f"parameters_{name}.yml" for name in MODEL_PIPELINES},
+    "evaluate": "parameters_evaluate.yml",
+    "compare": "parameters_compare.yml",
 }
 
 
@@ -107,7 +176,7 @@ def parse(section: str, raw: Any, model: type[_Params] | None = None) -> Any:
         lines = []
         for err in exc.errors():
             key = ".".join([section, *(str(p) for p in err["loc"])]) if err["loc"] else section
-            given = f" (got {err['input']!r})" if "input" in err and err["type"] != "missing" else ""
+            given = f" (got {err['input']!r})" if err["loc"] and "input" in err and err["type"] != "missing" else ""
             lines.append(f"  - '{key}': {err['msg']}{given}")
         raise ParameterError(
             "Invalid parameters:\n" + "\n".join(lines) + "\nFix them in "

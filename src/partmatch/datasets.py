@@ -27,6 +27,7 @@ from kedro.io.core import (
     get_filepath_str,
     get_protocol_and_path,
 )
+from kedro_datasets.json import JSONDataset
 from kedro_datasets.partitions import PartitionedDataset
 from kedro_mlflow.io.artifacts import MlflowArtifactDataset as _KedroMlflowArtifactDataset
 
@@ -307,3 +308,12 @@ class MlflowArtifactDataset(_KedroMlflowArtifactDataset):
         if version is not None and isinstance(instance, AbstractVersionedDataset) and instance._version is not None:
             instance._version = version
         return instance
+
+
+class MetricsJSONDataset(JSONDataset):
+    """Versioned JSON whose load gives ``None`` when no version exists yet (a model that was never trained)."""
+
+    def load(self) -> Any:
+        if not self._exists():
+            return None
+        return super().load()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from partmatch.pipelines import eda, ingestion, preprocessing
+from partmatch.pipelines import compare, eda, evaluate, ingestion, preprocessing, training
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -13,7 +13,11 @@ def register_pipelines() -> dict[str, Pipeline]:
         "ingestion": ingestion.create_pipeline(),
         "preprocessing": preprocessing.create_pipeline(),
         "eda": eda.create_pipeline(),
+        **training.create_all_model_pipelines(),
+        "compare": compare.create_pipeline(),
+        "evaluate": evaluate.create_pipeline(),
     }
     pipelines["data"] = pipelines["ingestion"] + pipelines["preprocessing"]
-    pipelines["__default__"] = pipelines["data"] + pipelines["eda"]
+    pipelines["models"] = sum((pipelines[name] for name in training.MODEL_PIPELINES), Pipeline([]))
+    pipelines["__default__"] = pipelines["data"] + pipelines["eda"] + pipelines["models"] + pipelines["compare"]
     return pipelines

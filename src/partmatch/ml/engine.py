@@ -1,0 +1,435 @@
+"""The training loop shared by every model: seeded, resumable, early-stopping, mixed precision on CUDA.
+
+``fit(model, objective, train, val_score, config)`` trains ``model`` in place with Adam over the model's
+parameters plus ``objective.extra_parameters()`` and leaves the best weights (by ``val_score``, higher is
+better) in ``model``. With ``checkpoint_dir`` it writes ``last.pt`` (everything needed to resume bit-exactly)
+and ``best.pt`` (``{"spec", "state_dict", "epoch", "score"}``) after each epoch, atomically. All checkpoint
+files load with ``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from partmatch.ml.data import InMemoryImages, make_augmentation
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the weights) became NaN/inf; nothing from that point on is checkpointed."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    patience: int | None = 3  # epochs without improvement of the validation score; None disables
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    seed: int = 42
+    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 autocast + GradScaler
+    augment: bool = False
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    max_batches_per_epoch: int | None = None  # quick smoke runs
+    progress: bool = True
+    mean: tuple = (0.5,)
+    std: tuple = (0.5,)
+    channels_last: bool = True  # NHWC weights/inputs on CPU and CUDA (~1.4x faster study CNN on CPU)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:
+            raise ValueError(f"max_batches_per_epoch must be >= 1 or None, got {self.max_batches_per_epoch}")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume=True needs a checkpoint_dir")
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = float("-inf")
+    epochs_run: int = 0
+    device: str = "cpu"
+    images_per_second: float = 0.0
+    gpu_name: str | None = None
+    gpu_peak_memory_mb: float | None = None
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit but unavailable accelerator raises."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {name!r} requested but MPS is not available; use device: auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices). Call it before building a model to fix its init."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _spec_or_none(model: nn.Module) -> dict | None:
+    from partmatch.ml.models import model_spec  # noqa: PLC0415
+
+    try:
+        return model_spec(model)
+    except ValueError:
+        return None
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _all_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _non_finite(epoch: int, batch: int, value: float, lr: float) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"Loss became {value} at epoch {epoch}, batch {batch}; training stopped before any checkpoint of "
+        f"these weights was written. Hint: lower the learning rate (lr={lr:g}), check the inputs for "
+        f"NaN/inf, or disable amp."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- fit
+
+
+def fit(
+    model: nn.Module,
+    objective: Any,
+    train: InMemoryImages,
+    val_score: Callable[[nn.Module], float] | None,
+    config: TrainConfig,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` with ``objective`` on ``train``; return the history and leave the best weights in it.
+
+    ``val_score(model)`` (higher is better) is called after each epoch with the model in eval mode under
+    ``torch.no_grad()``; without it the score is ``-train_loss``. ``on_epoch_end(epoch, record)`` receives the
+    epoch's history record (e.g. to log to MLflow).
+    """
+    model_task = getattr(model, "task", None)
+    if model_task is not None and getattr(objective, "task", model_task) != model_task:
+        raise ValueError(f"objective task {objective.task!r} does not match the model's task {model_task!r}")
+
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model.to(device)
+    channels_last = config.channels_last and device.type in ("cpu", "cuda")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if isinstance(objective, nn.Module):
+        objective.to(device)
+
+    groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
+    for group in objective.extra_parameters():
+        group = dict(group)
+        multiplier = float(group.pop("lr_multiplier", 1.0))
+        group.setdefault("lr", config.lr * multiplier)
+        groups.append(group)
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    augment = make_augmentation(config.augment)
+    gpu_name = None
+    if device.type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    result = TrainResult(device=str(device), gpu_name=gpu_name)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_objective_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    start_epoch = 1
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    if config.resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
+        ckpt = torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{ckpt_dir / 'last.pt'} has checkpoint version {ckpt.get('version')}, "
+                             f"expected {CHECKPOINT_VERSION}")
+        _warn_config_changes(ckpt.get("config", {}), config)
+        model.load_state_dict(ckpt["model"])
+        if isinstance(objective, nn.Module) and ckpt.get("objective") is not None:
+            objective.load_state_dict(ckpt["objective"])
+        configured = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for g, (lr, wd) in zip(optimizer.param_groups, configured, strict=True):  # the current config wins
+            g["lr"], g["weight_decay"] = lr, wd
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        result.history = list(ckpt["history"])
+        result.best_epoch, result.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+        result.stopped_early = bool(ckpt["stopped_early"])
+        best_state, best_objective_state = ckpt["best_state"], ckpt.get("best_objective_state")
+        bad_epochs = int(ckpt["bad_epochs"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        result.resumed_from_epoch = int(ckpt["epoch"])
+        _set_rng_state(ckpt["rng"])
+        logger.info("Resuming from %s: epoch %d done, best score %.4f at epoch %d",
+                    ckpt_dir / "last.pt", ckpt["epoch"], result.best_score, result.best_epoch)
+    elif config.resume:
+        logger.info("resume=True but no %s yet: starting from scratch", ckpt_dir / "last.pt")
+
+    n_train = len(train)
+    labels_np = train.labels_np
+    run_start = time.perf_counter()
+    epochs_this_call = 0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if result.stopped_early:
+            break
+        batches = list(objective.batches(labels_np, config.batch_size, epoch, config.seed))
+        if config.max_batches_per_epoch is not None:
+            batches = batches[: config.max_batches_per_epoch]
+        if not batches:
+            raise ValueError(f"objective produced no batches for {n_train} images with batch_size "
+                             f"{config.batch_size}")
+        model.train()
+        t0 = time.perf_counter()
+        n_images, loss_sum, pending = 0, 0.0, []
+        sync_every = 1 if device.type == "cpu" else 10
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                   disable=not config.progress, dynamic_ncols=True)
+        for b, idx in enumerate(bar, start=1):
+            images, labels = train.batch(idx, device, augment=augment, mean=config.mean, std=config.std)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = objective.loss(model, images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n_images += len(idx)
+            pending.append(loss.detach())
+            if b % sync_every == 0 or b == len(batches):
+                values = torch.stack(pending).float().cpu().tolist()
+                for k, v in enumerate(values):
+                    if not math.isfinite(v):
+                        raise _non_finite(epoch, b - len(values) + k + 1, v, config.lr)
+                loss_sum += sum(values)
+                pending = []
+                bar.set_postfix(loss=f"{values[-1]:.4f}",
+                                img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.0f}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0
+        train_loss = loss_sum / len(batches)
+        if not _all_finite(model) or (isinstance(objective, nn.Module) and not _all_finite(objective)):
+            raise NonFiniteLossError(
+                f"Weights became NaN/inf during epoch {epoch} (last loss {train_loss:.4g}); no checkpoint "
+                f"written. Hint: lower the learning rate (lr={config.lr:g}) or disable amp."
+            )
+
+        if val_score is not None:
+            model.eval()
+            with torch.no_grad():
+                score = float(val_score(model))
+            model.train()
+        else:
+            score = -train_loss
+        improved = math.isfinite(score) and score > result.best_score
+        if not math.isfinite(score):
+            logger.warning("epoch %d: validation score is %s; counted as no improvement", epoch, score)
+        if improved:
+            result.best_score, result.best_epoch, bad_epochs = score, epoch, 0
+            best_state = _cpu_state(model)
+            best_objective_state = _cpu_state(objective) if isinstance(objective, nn.Module) else None
+        else:
+            bad_epochs += 1
+        seconds = time.perf_counter() - t0
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_score": score,
+            "images_per_second": n_images / max(train_seconds, 1e-9),
+            "seconds": seconds,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        result.history.append(record)
+        epochs_this_call += 1
+        if config.patience is not None and bad_epochs >= config.patience and epoch < config.epochs:
+            result.stopped_early = True
+
+        if ckpt_dir is not None:
+            _atomic_save(
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "epoch": epoch,
+                    "model": _cpu_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "objective": _cpu_state(objective) if isinstance(objective, nn.Module) else None,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "history": result.history,
+                    "best_state": best_state,
+                    "best_objective_state": best_objective_state,
+                    "best_score": result.best_score,
+                    "best_epoch": result.best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "stopped_early": result.stopped_early,
+                    "rng": _rng_state(),
+                    "config": _plain_config(config),
+                },
+                ckpt_dir / "last.pt",
+            )
+            if improved:
+                _atomic_save(
+                    {"spec": _spec_or_none(model), "state_dict": best_state, "epoch": epoch,
+                     "score": result.best_score},
+                    ckpt_dir / "best.pt",
+                )
+
+        elapsed = time.perf_counter() - run_start
+        remaining = config.epochs - epoch
+        eta = elapsed / epochs_this_call * remaining
+        logger.info(
+            "epoch %d/%d  train_loss=%.4f  %s=%.4f%s  %.0f img/s  %.1fs  ETA %s",
+            epoch, config.epochs, train_loss, "val_score" if val_score is not None else "-train_loss", score,
+            " *" if improved else "", record["images_per_second"], seconds,
+            _fmt_seconds(eta) if remaining and not result.stopped_early else "-",
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, dict(record))
+        if result.stopped_early:
+            logger.info("early stopping after epoch %d: no improvement for %d epoch(s); best epoch %d (%.4f)",
+                        epoch, bad_epochs, result.best_epoch, result.best_score)
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        if best_objective_state is not None and isinstance(objective, nn.Module):
+            objective.load_state_dict(best_objective_state)
+    result.epochs_run = len(result.history)
+    speeds = [h["images_per_second"] for h in result.history]
+    result.images_per_second = float(np.mean(speeds)) if speeds else 0.0
+    if device.type == "cuda":
+        result.gpu_peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def _plain_config(config: TrainConfig) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+_RESUME_SAFE = {"epochs", "patience", "checkpoint_dir", "resume", "progress", "device"}
+
+
+def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
+    now = _plain_config(config)
+    changed = {k: (saved[k], now[k]) for k in saved if k in now and k not in _RESUME_SAFE and saved[k] != now[k]}
+    if changed:
+        logger.warning("Resuming with changed settings %s (saved -> now): the result will differ from an "
+                       "uninterrupted run", changed)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a ``last.pt`` / ``best.pt`` written by :func:`fit` (safe ``weights_only`` load)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "fit",
+    "load_checkpoint",
+    "resolve_device",
+    "seed_everything",
+]

@@ -1,0 +1,600 @@
+"""Model-independent evaluation: embedding extraction, retrieval metrics, pair verification, accuracy.
+
+Every model of the study (Siamese, triplet, ArcFace, plain classifier, ...) is evaluated the same way on
+its embeddings:
+
+* **Retrieval** (:func:`retrieval_metrics`): pytorch-metric-learning's ``AccuracyCalculator`` with an
+  exact faiss kNN (``IndexFlatL2``) gives ``precision_at_1``, ``r_precision`` and ``map_at_r``; recall@k and
+  the k-NN vote accuracy are computed here from the *same* kNN result (captured from PML's knn call, no
+  second search).
+* **Pair verification** (the original study's Siamese metric): balanced same/different pairs
+  (:func:`sample_pairs`), their Euclidean (or cosine) distances (:func:`pair_distances`), an accuracy-maximising
+  distance threshold chosen on validation pairs (:func:`choose_threshold`) and the metrics at a fixed
+  threshold (:func:`pair_metrics`).
+* :func:`evaluate_embeddings` bundles both for the closed-set test split and the open-set (unseen
+  classes) split.
+
+* :func:`embed_images` / :func:`predict_log_probs` run a model over uint8 images with the training
+  normalisation; :func:`classification_accuracy` scores a classifier.
+
+Everything is deterministic for given inputs and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import FaissKNN
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+RETRIEVAL_K_VALUES: tuple[int, ...] = (1, 2, 4, 8)
+KNN_VOTE_K = 5
+PAIR_METRIC_KEYS: tuple[str, ...] = ("pair_accuracy", "pair_precision", "pair_recall", "pair_f1", "roc_auc")
+OPEN_SET_PREFIX = "open_set_"
+
+# PML metric name -> our key
+_PML_METRICS = {
+    "precision_at_1": "precision_at_1",
+    "r_precision": "r_precision",
+    "mean_average_precision_at_r": "map_at_r",
+}
+
+
+# ============================================================================================ embeddings
+
+
+def _channel_stats(values: Sequence[float] | float, channels: int, name: str) -> torch.Tensor:
+    vals = [float(values)] if isinstance(values, int | float) else [float(v) for v in values]
+    if len(vals) not in (1, channels):
+        raise ValueError(f"{name} has {len(vals)} values but the images have {channels} channel(s)")
+    if name == "std" and any(not v > 0 for v in vals):
+        raise ValueError(f"std must be > 0, got {vals}")
+    return torch.tensor(vals, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def _run_batches(
+    model: nn.Module,
+    images_uint8: np.ndarray,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+    device: str | torch.device,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rows: np.ndarray | Sequence[int] | None,
+) -> np.ndarray:
+    """``forward`` over normalised float batches of ``images_uint8[rows]`` in eval / inference mode."""
+    images = images_uint8.numpy() if isinstance(images_uint8, torch.Tensor) else np.asarray(images_uint8)
+    if images.dtype != np.uint8:
+        raise TypeError(f"images_uint8 must have dtype uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise ValueError(f"images_uint8 must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
+    if len(images) == 0:
+        raise ValueError("images_uint8 is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    index = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    device = torch.device(device)
+    channels = images.shape[1]
+    m = _channel_stats(mean, channels, "mean").to(device)
+    s = _channel_stats(std, channels, "std").to(device)
+
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            # an empty selection still runs one image, so the result has the right width: (0, D)
+            chunks = [index[i : i + batch_size] for i in range(0, len(index), batch_size)] or [np.arange(1)]
+            for idx in chunks:
+                batch = torch.from_numpy(np.ascontiguousarray(images[idx]))
+                x = batch.to(device).float().div_(255.0).sub_(m).div_(s)
+                y = forward(x)
+                out.append(y.reshape(y.shape[0], -1).float().cpu())
+    finally:
+        model.train(was_training)
+    result = torch.cat(out).numpy().astype(np.float32, copy=False)
+    return result[:0] if len(index) == 0 else result
+
+
+def embed_images(
+    model: nn.Module,
+    images_uint8: np.ndarray,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+    rows: np.ndarray | Sequence[int] | None = None,
+) -> np.ndarray:
+    """Embeddings (N, D) float32 of uint8 images (N, C, H, W) ((N, H, W) is read as grayscale).
+
+    Pixels are scaled to [0, 1] and normalised per channel with ``mean`` / ``std`` (one value, or one per
+    channel), exactly like training batches. The model is moved to ``device`` and run in eval mode under
+    ``torch.inference_mode()``; ``model.embed(x)`` is used when the model has it (e.g. a classifier's
+    pre-logit features), else ``model(x)``. The model's train/eval mode is restored afterwards.
+
+    ``rows`` selects (and orders) the images to embed without copying the whole array; the result then has
+    ``len(rows)`` rows ((0, D) for an empty selection).
+    """
+    forward = model.embed if hasattr(model, "embed") else model
+    return _run_batches(model, images_uint8, forward, batch_size, device, mean, std, rows)
+
+
+def predict_log_probs(
+    model: nn.Module,
+    images_uint8: np.ndarray,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+    rows: np.ndarray | Sequence[int] | None = None,
+) -> np.ndarray:
+    """Class log-probabilities (N, C) float32 of a classifier: ``log_softmax(model(x))`` (a no-op when the
+    model already returns log-probabilities). Preprocessing, modes and ``rows`` as in :func:`embed_images`."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(model(x).float(), dim=1)
+
+    return _run_batches(model, images_uint8, forward, batch_size, device, mean, std, rows)
+
+
+# ============================================================================================ retrieval
+
+
+def _as_2d(name: str, emb: Any) -> np.ndarray:
+    arr = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    if arr.size == 0 or len(arr) == 0:
+        raise ValueError(f"{name} is empty")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _as_labels(name: str, labels: Any, n: int) -> np.ndarray:
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    arr = arr.reshape(-1)
+    if len(arr) == 0:
+        raise ValueError(f"{name} is empty")
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} entries but the embeddings have {n} rows")
+    return arr
+
+
+class _RecordingKNN:
+    """PML's ``FaissKNN`` (exact ``IndexFlatL2``) that keeps the last result so recall@k and the k-NN
+    vote reuse the neighbours PML searched for."""
+
+    def __init__(self) -> None:
+        self.inner = FaissKNN()
+        self.distances: torch.Tensor | None = None
+        self.indices: torch.Tensor | None = None
+
+    def __call__(self, query, k, reference=None, ref_includes_query=False):
+        distances, indices = self.inner(query, k, reference, ref_includes_query)
+        self.distances, self.indices = distances, indices
+        return distances, indices
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _knn_vote(neighbour_labels: np.ndarray) -> np.ndarray:
+    """Majority label of each row (neighbours ordered nearest first); ties go to the tied label that
+    occurs nearest."""
+    n, k = neighbour_labels.shape
+    votes = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]).sum(axis=2)  # (n, k)
+    # first maximum of the per-position vote count = the nearest neighbour among the most-voted labels
+    best_pos = np.argmax(votes, axis=1)
+    return neighbour_labels[np.arange(n), best_pos]
+
+
+def retrieval_metrics(
+    query_emb: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_emb: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    *,
+    prefix: str = "",
+    k_values: Sequence[int] = RETRIEVAL_K_VALUES,
+    distance: str = "euclidean",
+) -> dict[str, float]:
+    """Retrieval metrics of ``query_emb`` against ``gallery_emb`` (or leave-one-out within the queries).
+
+    Keys (each with ``prefix`` prepended): ``precision_at_1``, ``r_precision``, ``map_at_r`` (from
+    pytorch-metric-learning's ``AccuracyCalculator``, kNN by faiss), ``recall_at_{k}`` for each ``k`` in
+    ``k_values`` (fraction of queries with at least one same-class item among their k nearest gallery
+    items) and ``knn_accuracy`` (majority vote of the 5 nearest gallery items, ties broken in favour of the
+    tied class that occurs nearest).
+
+    Args:
+        query_emb, query_labels: (Nq, D) embeddings and (Nq,) labels (any hashable dtype).
+        gallery_emb, gallery_labels: (Ng, D) / (Ng,). When ``gallery_emb`` is None, each query is
+            retrieved against all *other* queries (leave-one-out, PML's ``ref_includes_query=True``);
+            the query itself is never counted as its own neighbour.
+        distance: ``"euclidean"`` (L2, default) or ``"cosine"`` (embeddings L2-normalised first, which
+            gives the same ranking as cosine similarity).
+
+    Which queries count: a query whose class has no other item in the gallery cannot be retrieved and is
+    **excluded from every metric** (as PML does) -- in leave-one-out that is every class with a single
+    sample; in closed-set retrieval every query class absent from the gallery. A warning is logged with
+    the number excluded; if no query is left, all values are NaN.
+
+    Small galleries: neighbours are searched up to ``min(needed, gallery size)`` (gallery size minus one in
+    leave-one-out); a ``k`` in ``k_values`` larger than that uses the whole gallery, so recall@k is then
+    the recall over all available neighbours, and the k-NN vote uses the available ones if fewer than 5.
+
+    Raises:
+        ValueError: empty / mismatched inputs (the message names the argument), non-finite embeddings,
+            only one of ``gallery_emb`` / ``gallery_labels`` given, unknown ``distance``, ``k_values``
+            not positive.
+    """
+    if distance not in ("euclidean", "cosine"):
+        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    k_values = tuple(int(k) for k in k_values)
+    if not k_values or any(k < 1 for k in k_values):
+        raise ValueError(f"k_values must be positive integers, got {k_values}")
+    if (gallery_emb is None) != (gallery_labels is None):
+        raise ValueError("gallery_emb and gallery_labels must both be given or both be None")
+
+    q = _as_2d("query_emb", query_emb)
+    ql_raw = _as_labels("query_labels", query_labels, len(q))
+    loo = gallery_emb is None
+    if loo:
+        g, gl_raw = q, ql_raw
+    else:
+        g = _as_2d("gallery_emb", gallery_emb)
+        gl_raw = _as_labels("gallery_labels", gallery_labels, len(g))
+        if g.shape[1] != q.shape[1]:
+            raise ValueError(f"gallery_emb has dimension {g.shape[1]} but query_emb has {q.shape[1]}")
+    if distance == "cosine":
+        q = _l2_normalize(q)
+        g = q if loo else _l2_normalize(g)
+
+    # integer class codes (PML casts labels to float32 tensors, so arbitrary labels must be encoded)
+    _, codes = np.unique(np.concatenate([ql_raw, gl_raw]), return_inverse=True)
+    ql, gl = codes[: len(ql_raw)].astype(np.int64), codes[len(ql_raw) :].astype(np.int64)
+
+    keys = ["precision_at_1", "r_precision", "map_at_r", *(f"recall_at_{k}" for k in k_values), "knn_accuracy"]
+    self_count = int(loo)
+    gallery_count = np.bincount(gl, minlength=int(codes.max()) + 1)
+    matches_per_query = gallery_count[ql] - self_count  # same-class items a query can retrieve
+    retrievable = matches_per_query > 0
+    n_excluded = int((~retrievable).sum())
+    max_k = len(g) - self_count
+    if n_excluded:
+        logger.warning(
+            "%sretrieval: %d of %d queries excluded from the metrics: %s", prefix, n_excluded, len(q),
+            "single-sample classes cannot be retrieved leave-one-out" if loo else "their class is not in the gallery",
+        )
+    if not retrievable.any() or max_k < 1:
+        logger.warning("%sretrieval: no query can be evaluated; all metrics are NaN", prefix)
+        return {f"{prefix}{key}": float("nan") for key in keys}
+
+    # enough neighbours for R-precision / MAP@R (R = largest class), recall@max(k) and the 5-NN vote
+    needed = max(int(matches_per_query.max()), max(k_values), KNN_VOTE_K)
+    num_k = min(needed, max_k)
+    # PML checks k against the largest class count *including* the query itself even in leave-one-out and
+    # then warns that R-precision / MAP@R are wrong although k = R suffices; its "max_bin_count" gives the
+    # same k (count - 1) without the spurious warning.
+    k_arg: int | str = "max_bin_count" if loo and num_k == int(matches_per_query.max()) else num_k
+    knn = _RecordingKNN()
+    calculator = AccuracyCalculator(
+        include=tuple(_PML_METRICS),
+        k=k_arg,
+        device=torch.device("cpu"),  # must be a torch.device: PML reads device.type in __init__
+        knn_func=knn,
+    )
+    if loo:
+        pml = calculator.get_accuracy(q, ql)
+    else:
+        pml = calculator.get_accuracy(q, ql, g, gl, ref_includes_query=False)
+    out = {f"{prefix}{ours}": float(pml[theirs]) for theirs, ours in _PML_METRICS.items()}
+
+    indices = knn.indices.cpu().numpy()
+    if indices.shape != (len(q), num_k) or (indices < 0).any():  # faiss pads with -1 past the gallery
+        raise RuntimeError(f"unexpected kNN result of shape {indices.shape} (expected {(len(q), num_k)})")
+    neighbour_labels = gl[indices][retrievable]
+    hits = neighbour_labels == ql[retrievable, None]
+    for k in k_values:
+        out[f"{prefix}recall_at_{k}"] = float(hits[:, : min(k, num_k)].any(axis=1).mean())
+    voted = _knn_vote(neighbour_labels[:, : min(KNN_VOTE_K, num_k)])
+    out[f"{prefix}knn_accuracy"] = float((voted == ql[retrievable]).mean())
+    return {f"{prefix}{key}": out[f"{prefix}{key}"] for key in keys}
+
+
+# ====================================================================================== pair verification
+
+
+def _pair_candidates(
+    rng: np.random.Generator, size: int, codes: np.ndarray, order: np.ndarray, starts: np.ndarray,
+    counts: np.ndarray, rank: np.ndarray, anchors_pool: np.ndarray, positive: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` random (anchor, partner) pairs: anchor uniform over ``anchors_pool``; partner uniform over
+    the anchor's other class members (positive) or over all items of other classes (negative)."""
+    a = anchors_pool[rng.integers(0, len(anchors_pool), size)]
+    c = codes[a]
+    if positive:
+        offset = rng.integers(0, counts[c] - 1)  # among the c-1 other members
+        b = order[starts[c] + (rank[a] + 1 + offset) % counts[c]]
+    else:
+        r = rng.integers(0, len(codes) - counts[c])  # among the items outside the anchor's class
+        r = np.where(r >= starts[c], r + counts[c], r)
+        b = order[r]
+    return a, b
+
+
+def _draw_pairs(
+    rng: np.random.Generator, n: int, total_unique: int, draw: Callable[[int], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` pairs from ``draw``; distinct (unordered) pairs while the pool allows, then repeats."""
+    want = min(n, total_unique)
+    seen: set[tuple[int, int]] = set()
+    a_out: list[int] = []
+    b_out: list[int] = []
+    for _ in range(100):
+        if len(a_out) >= want:
+            break
+        a, b = draw(max(2 * (want - len(a_out)), 16))
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            key = (x, y) if x < y else (y, x)
+            if key not in seen:
+                seen.add(key)
+                a_out.append(x)
+                b_out.append(y)
+                if len(a_out) >= want:
+                    break
+    if len(a_out) < n:  # pool exhausted (or unlucky): top up with repeated pairs
+        a, b = draw(n - len(a_out))
+        a_out.extend(a.tolist())
+        b_out.extend(b.tolist())
+    return np.asarray(a_out, dtype=np.int64), np.asarray(b_out, dtype=np.int64)
+
+
+def sample_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Balanced, seeded same/different-class index pairs for verification.
+
+    ``n_pairs // 2`` positive pairs (same class, two different items) and ``n_pairs - n_pairs // 2``
+    negative pairs (different classes), shuffled together. The first item of a pair is drawn uniformly
+    from the eligible items (for positives: items whose class has at least two members), the second
+    uniformly from its class mates (positive) or from all items of other classes (negative). Pairs are
+    drawn without repetition (as unordered pairs) while the set offers enough distinct ones; when it has
+    fewer (e.g. 1000 positives wanted from 20 classes of 10 images = 900 positive pairs), the remainder
+    is topped up with repeated pairs (also when 100 rounds of rejection sampling could not find enough).
+
+    Returns:
+        ``(idx_a, idx_b, same)``: int64 index arrays and a bool array, each of length ``n_pairs``.
+
+    Raises:
+        ValueError: ``n_pairs < 2``; no class with two items (no positive pair) or fewer than two classes
+            (no negative pair).
+    """
+    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    labels = labels.reshape(-1)
+    n_pairs = int(n_pairs)
+    if n_pairs < 2:
+        raise ValueError(f"n_pairs must be >= 2 (one positive and one negative pair), got {n_pairs}")
+    if len(labels) == 0:
+        raise ValueError("labels is empty")
+    _, codes = np.unique(labels, return_inverse=True)
+    counts = np.bincount(codes)
+    if len(counts) < 2:
+        raise ValueError("labels has a single class: no negative (different-class) pair can be formed")
+    if counts.max() < 2:
+        raise ValueError("labels has no class with two items: no positive (same-class) pair can be formed")
+    order = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(codes), dtype=np.int64)  # position of each item within its class block
+    rank[order] = np.arange(len(codes)) - starts[codes[order]]
+
+    rng = np.random.default_rng(seed)
+    n_pos = n_pairs // 2
+    n_neg = n_pairs - n_pos
+    eligible = np.flatnonzero(counts[codes] >= 2)
+    all_items = np.arange(len(codes))
+    total_pos = int((counts * (counts - 1) // 2).sum())
+    total_neg = int((len(codes) ** 2 - (counts**2).sum()) // 2)
+
+    def draw_pos(size: int) -> tuple[np.ndarray, np.ndarray]:
+        return _pair_candidates(rng, size, codes, order, starts, counts, rank, eligible, positive=True)
+
+    def draw_neg(size: int) -> tuple[np.ndarray, np.ndarray]:
+        return _pair_candidates(rng, size, codes, order, starts, counts, rank, all_items, positive=False)
+
+    pa, pb = _draw_pairs(rng, n_pos, total_pos, draw_pos)
+    na, nb = _draw_pairs(rng, n_neg, total_neg, draw_neg)
+    idx_a = np.concatenate([pa, na])
+    idx_b = np.concatenate([pb, nb])
+    same = np.concatenate([np.ones(n_pos, dtype=bool), np.zeros(n_neg, dtype=bool)])
+    perm = rng.permutation(n_pairs)
+    return idx_a[perm], idx_b[perm], same[perm]
+
+
+def pair_distances(
+    emb: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray, distance: str = "euclidean"
+) -> np.ndarray:
+    """Distances (float64) between ``emb[idx_a[i]]`` and ``emb[idx_b[i]]``.
+
+    ``distance="euclidean"`` (default): plain L2. ``"cosine"``: L2 between the L2-normalised embeddings,
+    ``sqrt(2 - 2 cos)`` -- monotone in the cosine distance and the same geometry as
+    ``retrieval_metrics(..., distance="cosine")``.
+    """
+    if distance not in ("euclidean", "cosine"):
+        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    e = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+    if e.ndim != 2:
+        raise ValueError(f"emb must be 2-D (N, D), got shape {e.shape}")
+    a, b = np.asarray(idx_a, dtype=np.int64), np.asarray(idx_b, dtype=np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"idx_a and idx_b differ in shape: {a.shape} vs {b.shape}")
+    ea, eb = e[a].astype(np.float64), e[b].astype(np.float64)
+    if distance == "cosine":
+        ea = ea / np.maximum(np.linalg.norm(ea, axis=1, keepdims=True), 1e-12)
+        eb = eb / np.maximum(np.linalg.norm(eb, axis=1, keepdims=True), 1e-12)
+    diff = ea - eb
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def _check_pairs(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
+    d = np.asarray(distances, dtype=np.float64).reshape(-1)
+    s = np.asarray(same).reshape(-1).astype(bool)
+    if len(d) == 0:
+        raise ValueError("distances is empty")
+    if len(d) != len(s):
+        raise ValueError(f"distances has {len(d)} entries but same has {len(s)}")
+    if not np.isfinite(d).all():
+        raise ValueError("distances contains NaN or infinite values")
+    return d, s
+
+
+def choose_threshold(distances: np.ndarray, same: np.ndarray) -> tuple[float, pd.DataFrame]:
+    """Accuracy-maximising distance threshold; a pair is predicted "same" when ``distance <= threshold``.
+
+    Every distinct distance value is a candidate (plus one just below the smallest, predicting no pair
+    "same"). The curve lists, per candidate, the accuracy, precision, recall and F1 of the "same" class
+    (precision is 0 where nothing is predicted "same"). Among the best-accuracy candidates the smallest is
+    taken and the returned threshold is moved half-way to the next distance value, which predicts the
+    same pairs but sits in the gap between the groups (e.g. between the largest positive and the smallest
+    negative distance on separable data).
+
+    Returns:
+        ``(threshold, curve)`` with ``curve`` columns ``threshold, accuracy, precision, recall, f1``,
+        sorted by threshold.
+    """
+    d, s = _check_pairs(distances, same)
+    order = np.argsort(d, kind="stable")
+    d_sorted, s_sorted = d[order], s[order]
+    values = np.unique(d_sorted)
+    last = np.searchsorted(d_sorted, values, side="right") - 1
+    cum_pos = np.cumsum(s_sorted)
+    cum_neg = np.cumsum(~s_sorted)
+    n_pos, n_neg = int(s.sum()), int((~s).sum())
+    below = np.nextafter(values[0], -np.inf)
+    thresholds = np.concatenate([[below], values])
+    tp = np.concatenate([[0], cum_pos[last]]).astype(np.float64)
+    fp = np.concatenate([[0], cum_neg[last]]).astype(np.float64)
+    tn = n_neg - fp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = (tp + tn) / len(d)
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = tp / n_pos if n_pos else np.zeros_like(tp)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    curve = pd.DataFrame(
+        {"threshold": thresholds, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1}
+    )
+    best = int(np.argmax(accuracy))
+    if 0 < best < len(thresholds) - 1:
+        threshold = float((thresholds[best] + thresholds[best + 1]) / 2)
+    else:
+        threshold = float(thresholds[best])
+    return threshold, curve
+
+
+def pair_metrics(distances: np.ndarray, same: np.ndarray, threshold: float, prefix: str = "") -> dict[str, float]:
+    """Verification metrics at a fixed threshold ("same" when ``distance <= threshold``).
+
+    Keys (with ``prefix``): ``pair_accuracy``, ``pair_precision``, ``pair_recall``, ``pair_f1`` (of the
+    "same" class; 0 where undefined) and ``roc_auc`` (threshold-free, sklearn on ``-distance``; NaN if only
+    one kind of pair is present).
+    """
+    d, s = _check_pairs(distances, same)
+    if threshold is None or not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    pred = d <= float(threshold)
+    out = {
+        "pair_accuracy": float(accuracy_score(s, pred)),
+        "pair_precision": float(precision_score(s, pred, zero_division=0)),
+        "pair_recall": float(recall_score(s, pred, zero_division=0)),
+        "pair_f1": float(f1_score(s, pred, zero_division=0)),
+        "roc_auc": float(roc_auc_score(s, -d)) if 0 < s.sum() < len(s) else float("nan"),
+    }
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+# ======================================================================================== classification
+
+
+def classification_accuracy(log_probs_or_pred: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """Top-1 accuracy from (N, C) scores / log-probabilities (argmax over C) or (N,) predicted labels."""
+    scores = (
+        log_probs_or_pred.detach().cpu().numpy()
+        if isinstance(log_probs_or_pred, torch.Tensor)
+        else np.asarray(log_probs_or_pred)
+    )
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    y = y.reshape(-1)
+    if scores.size == 0 or len(scores) == 0:
+        raise ValueError("log_probs_or_pred is empty")
+    if scores.ndim == 2:
+        pred = scores.argmax(axis=1)
+    elif scores.ndim == 1:
+        pred = scores
+    else:
+        raise ValueError(f"log_probs_or_pred must be (N, C) or (N,), got shape {scores.shape}")
+    if len(pred) != len(y):
+        raise ValueError(f"log_probs_or_pred has {len(pred)} rows but labels has {len(y)}")
+    return float(np.mean(pred == y))
+
+
+# ============================================================================================= bundle
+
+
+def _is_empty(x: Any) -> bool:
+    return x is None or len(x) == 0
+
+
+def evaluate_embeddings(
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    test_emb: np.ndarray,
+    test_labels: np.ndarray,
+    open_emb: np.ndarray | None,
+    open_labels: np.ndarray | None,
+    threshold: float,
+    seed: int,
+    n_pairs: int = 2000,
+    distance: str = "euclidean",
+) -> dict[str, float]:
+    """All embedding metrics of one model.
+
+    * closed-set retrieval, queries = test, gallery = train: ``precision_at_1``, ``r_precision``,
+      ``map_at_r``, ``recall_at_{1,2,4,8}``, ``knn_accuracy``;
+    * pair verification on ``n_pairs`` balanced test pairs (seeded by ``seed``) at ``threshold``:
+      ``pair_accuracy``, ``pair_precision``, ``pair_recall``, ``pair_f1``, ``roc_auc``;
+    * open set (classes unseen in training), leave-one-out retrieval and pairs (same seed), the same keys
+      prefixed ``open_set_``. Skipped (keys absent) when ``open_emb`` is None or empty; if open-set pairs
+      cannot be formed (no class with two images, or a single class) those pair keys are NaN.
+
+    ``distance`` ("euclidean" or "cosine") is used for retrieval and pair distances alike; ``threshold``
+    must have been chosen with the same distance. Deterministic for a given ``seed``.
+    """
+    out = retrieval_metrics(test_emb, test_labels, train_emb, train_labels, distance=distance)
+    a, b, same = sample_pairs(test_labels, n_pairs, seed)
+    out |= pair_metrics(pair_distances(test_emb, a, b, distance), same, threshold)
+    if _is_empty(open_emb) or _is_empty(open_labels):
+        return out
+    out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX, distance=distance)
+    try:
+        a, b, same = sample_pairs(open_labels, n_pairs, seed)
+    except ValueError as err:
+        logger.warning("open-set pair metrics skipped: %s", err)
+        out |= {f"{OPEN_SET_PREFIX}{k}": float("nan") for k in PAIR_METRIC_KEYS}
+    else:
+        out |= pair_metrics(pair_distances(open_emb, a, b, distance), same, threshold, prefix=OPEN_SET_PREFIX)
+    return out

@@ -1,0 +1,339 @@
+"""Training objectives: what a batch is and how its loss is computed, so ``engine.fit`` stays loss-agnostic.
+
+An objective decides (1) how an epoch is cut into batches (``batches``), (2) the loss of a batch given the
+model (``loss``) and (3) extra trainable parameters such as proxies (``extra_parameters``). Objectives are
+``nn.Module`` s, so their state (e.g. proxies) moves with ``.to(device)`` and is saved with ``state_dict()``.
+
+Randomness inside a batch (pair / triplet / quadruplet sampling) uses torch's global CPU generator, which the
+engine seeds and checkpoints, so training is reproducible and resumable on every device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partmatch.ml.data import class_balanced_batches, epoch_rng, shuffled_batches
+from partmatch.ml.losses import QuadrupletLoss, StudyContrastiveLoss
+
+TRIPLET_SAMPLINGS = ("random", "semihard", "hard")
+
+
+@runtime_checkable
+class Objective(Protocol):
+    task: str  # "classifier" | "embedding"
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]: ...
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    def extra_parameters(self) -> list[dict]: ...
+
+
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast: metric losses and mining run in float32 even inside a mixed-precision step."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # device type without autocast support
+        return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ mining
+
+
+def _random_choice(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of a boolean (R, B) mask, a uniformly random True column; and whether the row has one."""
+    scores = torch.rand(mask.shape).masked_fill_(~mask, -1.0)
+    return scores.argmax(dim=1), mask.any(dim=1)
+
+
+def balanced_pairs(
+    labels: torch.Tensor, max_pairs: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online balanced pairs from a batch: equally many positive and negative pairs, sampled without
+    replacement from all ``i < j`` pairs of the batch.
+
+    Returns CPU tensors ``(i, j, y)`` with ``y = 0`` for a similar (same label) and ``y = 1`` for a dissimilar
+    pair. Without ``max_pairs`` every positive pair is used (or every negative one if there are fewer).
+    """
+    lab = labels.detach().reshape(-1).cpu()
+    iu = torch.triu_indices(len(lab), len(lab), offset=1)
+    same = lab[iu[0]] == lab[iu[1]]
+    pos, neg = iu[:, same], iu[:, ~same]
+    k = min(pos.shape[1], neg.shape[1])
+    if max_pairs is not None:
+        k = min(k, int(max_pairs) // 2)
+    pos = pos[:, torch.randperm(pos.shape[1])[:k]]
+    neg = neg[:, torch.randperm(neg.shape[1])[:k]]
+    i = torch.cat([pos[0], neg[0]])
+    j = torch.cat([pos[1], neg[1]])
+    y = torch.cat([torch.zeros(k, dtype=torch.int64), torch.ones(k, dtype=torch.int64)])
+    return i, j, y
+
+
+def random_triplets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The study's sampling: for every anchor one uniformly random positive (not itself) and one uniformly
+    random negative. Anchors without a positive or a negative in the batch are skipped. CPU tensors."""
+    lab = labels.detach().reshape(-1).cpu()
+    same = lab.unsqueeze(0) == lab.unsqueeze(1)
+    pos_mask = same & ~torch.eye(len(lab), dtype=torch.bool)
+    p, has_p = _random_choice(pos_mask)
+    n, has_n = _random_choice(~same)
+    a = torch.nonzero(has_p & has_n).flatten()
+    return a, p[a], n[a]
+
+
+def random_quadruplets(
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every anchor a random positive, a random negative ``n1`` and a random ``n2`` whose class differs
+    from both the anchor's and ``n1``'s. Anchors lacking any of them are skipped. CPU tensors."""
+    lab = labels.detach().reshape(-1).cpu()
+    same = lab.unsqueeze(0) == lab.unsqueeze(1)
+    p, has_p = _random_choice(same & ~torch.eye(len(lab), dtype=torch.bool))
+    n1, has_n1 = _random_choice(~same)
+    n2_mask = ~same & (lab.unsqueeze(0) != lab[n1].unsqueeze(1))
+    n2, has_n2 = _random_choice(n2_mask)
+    a = torch.nonzero(has_p & has_n1 & has_n2).flatten()
+    return a, p[a], n1[a], n2[a]
+
+
+# ------------------------------------------------------------------------------------------- objectives
+
+
+class BaseObjective(nn.Module):
+    """Shared plumbing. Embedding objectives implement ``loss_from_embeddings``."""
+
+    task = "embedding"
+    #: images per class in a class-balanced batch; ``None`` means plain shuffled batches.
+    m_per_class: int | None = None
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
+        rng = epoch_rng(seed, epoch)
+        if self.m_per_class is None:
+            # a trailing batch of one image would break BatchNorm backbones and gives no pairs: drop it
+            return (b for b in shuffled_batches(len(labels), batch_size, rng) if len(b) > 1)
+        return class_balanced_batches(labels, batch_size, self.m_per_class, rng)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        embeddings = model(images)
+        with _fp32(embeddings.device):
+            return self.loss_from_embeddings(embeddings.float(), labels)
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not compute a loss from embeddings")
+
+    def extra_parameters(self) -> list[dict]:
+        return []
+
+
+class ClassificationObjective(BaseObjective):
+    """The study's classifier: NLL of the model's log-softmax output, shuffled batches."""
+
+    task = "classifier"
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_probs = model(images)
+        with _fp32(log_probs.device):
+            return F.nll_loss(log_probs.float(), labels)
+
+
+class ContrastiveObjective(BaseObjective):
+    """Siamese contrastive training with the study's loss on balanced online pairs of a class-balanced batch.
+
+    Both "branches" are the same network applied to the batch once; pairs index the batch embeddings.
+    """
+
+    def __init__(self, margin: float = 1.0, pairs_per_batch: int | None = None, m_per_class: int = 4):
+        super().__init__()
+        self.criterion = StudyContrastiveLoss(margin)
+        self.pairs_per_batch = pairs_per_batch
+        self.m_per_class = int(m_per_class)
+
+    def mine(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return balanced_pairs(labels, self.pairs_per_batch)
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        i, j, y = (t.to(embeddings.device, non_blocking=True) for t in self.mine(labels))
+        return self.criterion(embeddings[i], embeddings[j], y)
+
+
+class TripletObjective(BaseObjective):
+    """Triplet margin loss (PML ``TripletMarginLoss``, mean over triplets) on a class-balanced batch.
+
+    ``sampling``: ``random`` (the study: one random positive and negative per anchor), ``semihard`` (PML
+    ``TripletMarginMiner(type_of_triplets="semihard")``: d(a,p) < d(a,n) <= d(a,p) + margin) or ``hard``
+    (PML ``BatchHardMiner``: hardest positive and negative per anchor). Distances are Euclidean on the raw
+    embeddings unless ``normalize_embeddings`` (the model may already normalise them).
+    """
+
+    def __init__(
+        self,
+        margin: float = 1.0,
+        sampling: str = "random",
+        m_per_class: int = 4,
+        normalize_embeddings: bool = False,
+    ):
+        super().__init__()
+        from pytorch_metric_learning import distances, losses, miners, reducers  # noqa: PLC0415
+
+        if sampling not in TRIPLET_SAMPLINGS:
+            raise ValueError(f"Unknown triplet sampling {sampling!r}; valid: {list(TRIPLET_SAMPLINGS)}")
+        self.sampling = sampling
+        self.margin = float(margin)
+        self.m_per_class = int(m_per_class)
+        distance = distances.LpDistance(p=2, power=1, normalize_embeddings=normalize_embeddings)
+        self.criterion = losses.TripletMarginLoss(
+            margin=self.margin, distance=distance, reducer=reducers.MeanReducer()
+        )
+        if sampling == "semihard":
+            self.miner = miners.TripletMarginMiner(
+                margin=self.margin, type_of_triplets="semihard", distance=distance
+            )
+        elif sampling == "hard":
+            self.miner = miners.BatchHardMiner(distance=distance)
+        else:
+            self.miner = None
+
+    def mine(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(anchor, positive, negative) batch indices on the embeddings' device."""
+        if self.miner is None:
+            return tuple(t.to(embeddings.device, non_blocking=True) for t in random_triplets(labels))
+        return self.miner(embeddings, labels)
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.criterion(embeddings, labels, indices_tuple=self.mine(embeddings, labels))
+
+
+class QuadrupletObjective(BaseObjective):
+    """Quadruplet loss (Chen et al. 2017) on online random quadruplets of a class-balanced batch."""
+
+    def __init__(self, margin1: float = 1.0, margin2: float = 0.5, m_per_class: int = 4):
+        super().__init__()
+        self.criterion = QuadrupletLoss(margin1, margin2)
+        self.m_per_class = int(m_per_class)
+
+    def mine(self, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return random_quadruplets(labels)
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        a, p, n1, n2 = (t.to(embeddings.device, non_blocking=True) for t in self.mine(labels))
+        return self.criterion(embeddings[a], embeddings[p], embeddings[n1], embeddings[n2])
+
+
+class ProxyAnchorObjective(BaseObjective):
+    """PML ``ProxyAnchorLoss``; the proxies are an extra optimiser group with ``lr * proxy_lr_multiplier``.
+
+    Labels must be ``0 .. num_classes - 1``. Batches are shuffled unless ``m_per_class`` is given.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: float = 0.1,
+        alpha: float = 32,
+        proxy_lr_multiplier: float = 100,
+        m_per_class: int | None = None,
+    ):
+        super().__init__()
+        from pytorch_metric_learning import losses  # noqa: PLC0415
+
+        self.criterion = losses.ProxyAnchorLoss(int(num_classes), int(embedding_dim), margin=margin, alpha=alpha)
+        self.num_classes = int(num_classes)
+        self.proxy_lr_multiplier = float(proxy_lr_multiplier)
+        self.m_per_class = None if m_per_class is None else int(m_per_class)
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.criterion(embeddings, labels)
+
+    def extra_parameters(self) -> list[dict]:
+        return [{"params": [self.criterion.proxies], "lr_multiplier": self.proxy_lr_multiplier,
+                 "name": "proxies"}]
+
+
+class MultiObjective(BaseObjective):
+    """Weighted sum of embedding objectives computed on ONE forward pass; batches come from the first one
+    (e.g. pair + proxy: class-balanced batches of the pair loss)."""
+
+    def __init__(self, components: Sequence[tuple[BaseObjective, float]]):
+        super().__init__()
+        if not components:
+            raise ValueError("MultiObjective needs at least one (objective, weight)")
+        objectives = [c for c, _ in components]
+        if any(o.task != "embedding" for o in objectives):
+            raise ValueError("MultiObjective combines embedding objectives only")
+        self.parts = nn.ModuleList(objectives)
+        self.weights = [float(w) for _, w in components]
+        self.m_per_class = objectives[0].m_per_class
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
+        return self.parts[0].batches(labels, batch_size, epoch, seed)
+
+    def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = None
+        for part, weight in zip(self.parts, self.weights, strict=True):
+            term = weight * part.loss_from_embeddings(embeddings, labels)
+            total = term if total is None else total + term
+        return total
+
+    def extra_parameters(self) -> list[dict]:
+        return [group for part in self.parts for group in part.extra_parameters()]
+
+
+# ---------------------------------------------------------------------------------------------- factory
+
+_SINGLE = ("cross_entropy", "contrastive", "triplet", "proxy_anchor", "quadruplet")
+VALID_LOSSES = (*_SINGLE, "contrastive+proxy_anchor")
+
+
+def _single(name: str, params: dict[str, Any], num_classes: int, embedding_dim: int) -> BaseObjective:
+    factories = {
+        "cross_entropy": lambda **kw: ClassificationObjective(**kw),
+        "contrastive": lambda **kw: ContrastiveObjective(**kw),
+        "triplet": lambda **kw: TripletObjective(**kw),
+        "quadruplet": lambda **kw: QuadrupletObjective(**kw),
+        "proxy_anchor": lambda **kw: ProxyAnchorObjective(num_classes, embedding_dim, **kw),
+    }
+    try:
+        return factories[name](**dict(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"Invalid parameters for loss {name!r}: {dict(params or {})} ({exc})") from None
+
+
+def build_objective(
+    loss: str, params: dict[str, Any] | None, num_classes: int, embedding_dim: int
+) -> BaseObjective:
+    """Build an objective by name.
+
+    Single losses take their keyword arguments flat in ``params`` (e.g. ``{"margin": 1.0, "sampling":
+    "semihard"}``). A combination ``"a+b"`` takes one sub-mapping per component plus optional weights, e.g.
+    ``{"contrastive": {"margin": 1.0}, "proxy_anchor": {"alpha": 32}, "weights": {"proxy_anchor": 0.5}}``
+    (weights default to 1).
+    """
+    params = dict(params or {})
+    if loss in _SINGLE:
+        return _single(loss, params, num_classes, embedding_dim)
+    if loss in VALID_LOSSES:  # a "+" combination
+        names = loss.split("+")
+        weights = params.pop("weights", None) or {}
+        if isinstance(weights, list | tuple):
+            if len(weights) != len(names):
+                raise ValueError(f"loss {loss!r} needs {len(names)} weights, got {weights}")
+            weights = dict(zip(names, weights, strict=True))
+        unknown = set(params) - set(names) | set(weights) - set(names)
+        if unknown:
+            raise ValueError(f"Unknown key(s) {sorted(unknown)} in parameters of loss {loss!r}; "
+                             f"expected sub-mappings {names} and 'weights'")
+        components = [
+            (_single(n, params.get(n) or {}, num_classes, embedding_dim), float(weights.get(n, 1.0)))
+            for n in names
+        ]
+        return MultiObjective(components)
+    raise ValueError(f"Unknown loss {loss!r}; valid options: {list(VALID_LOSSES)}")

@@ -1,0 +1,218 @@
+"""Evaluation figures: pair-distance histograms, threshold / ROC curves, training curves, model comparison.
+
+Every function builds a stand-alone :class:`matplotlib.figure.Figure` (no pyplot state, so nothing has to
+be closed and any backend, Agg included, works) and returns it; save it with ``fig.savefig(path)`` or hand
+it to Kedro's ``MatplotlibWriter``. Nothing is shown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+POSITIVE_COLOR = "tab:green"
+NEGATIVE_COLOR = "tab:red"
+THRESHOLD_COLOR = "black"
+DISTANCE_LABEL = "Euclidean distance between embeddings (embedding-space units)"
+COSINE_DISTANCE_LABEL = "Distance between L2-normalised embeddings, sqrt(2 - 2 cos) (0 to 2)"
+
+
+def _pairs(distances, same) -> tuple[np.ndarray, np.ndarray]:
+    d = np.asarray(distances, dtype=np.float64).reshape(-1)
+    s = np.asarray(same).reshape(-1).astype(bool)
+    if len(d) == 0:
+        raise ValueError("distances is empty")
+    if len(d) != len(s):
+        raise ValueError(f"distances has {len(d)} entries but same has {len(s)}")
+    return d, s
+
+
+def pair_distance_histogram(
+    distances: np.ndarray, same: np.ndarray, threshold: float | None = None, *, distance_label: str = DISTANCE_LABEL
+) -> Figure:
+    """Overlaid histograms of same-part (positive) and different-part (negative) pair distances, with the
+    decision threshold (and the accuracy it gives on these pairs) as a vertical line. ``distance_label`` is
+    the x-axis label (e.g. :data:`COSINE_DISTANCE_LABEL`)."""
+    d, s = _pairs(distances, same)
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.subplots()
+    finite = d[np.isfinite(d)]
+    edges = np.histogram_bin_edges(finite, bins=min(60, max(10, int(np.sqrt(len(finite))))))
+    for mask, color, name in ((s, POSITIVE_COLOR, "same part"), (~s, NEGATIVE_COLOR, "different parts")):
+        vals = d[mask]
+        ax.hist(vals, bins=edges, alpha=0.55, color=color, edgecolor="white", linewidth=0.4,
+                label=f"{name} (n={len(vals)})")
+        if len(vals):
+            ax.axvline(float(np.median(vals)), color=color, linestyle=":", linewidth=1.2)
+    if threshold is not None:
+        acc = float(np.mean((d <= threshold) == s))
+        ax.axvline(float(threshold), color=THRESHOLD_COLOR, linestyle="--", linewidth=1.8,
+                   label=f"threshold = {threshold:.3f} (accuracy {acc:.1%})")
+    ax.set_xlabel(distance_label)
+    ax.set_ylabel("Number of pairs")
+    ax.set_title("Pair distances: same part vs different parts (dotted: medians)")
+    ax.legend(loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def threshold_curves(
+    curve_df: pd.DataFrame, chosen_threshold: float, *, distance_label: str = DISTANCE_LABEL
+) -> Figure:
+    """Accuracy, precision, recall and F1 of the "same part" decision against the distance threshold
+    (``curve_df`` as returned by :func:`partmatch.ml.evaluation.choose_threshold`)."""
+    needed = ["threshold", "accuracy", "precision", "recall", "f1"]
+    missing = [c for c in needed if c not in curve_df.columns]
+    if missing:
+        raise ValueError(f"curve_df lacks column(s) {missing}")
+    if len(curve_df) == 0:
+        raise ValueError("curve_df is empty")
+    df = curve_df.sort_values("threshold")
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.subplots()
+    styles = {"accuracy": ("tab:blue", "-", 2.2), "precision": ("tab:orange", "-", 1.4),
+              "recall": ("tab:green", "-", 1.4), "f1": ("tab:purple", "--", 1.4)}
+    for col, (color, ls, lw) in styles.items():
+        ax.plot(df["threshold"], df[col], color=color, linestyle=ls, linewidth=lw,
+                label="F1" if col == "f1" else col.capitalize())
+    t = float(chosen_threshold)
+    idx = int(np.searchsorted(df["threshold"].to_numpy(), t, side="right")) - 1
+    acc = float(df["accuracy"].iloc[max(idx, 0)])
+    ax.axvline(t, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
+               label=f"chosen threshold = {t:.3f} (accuracy {acc:.1%})")
+    ax.plot([t], [acc], marker="o", color=THRESHOLD_COLOR, markersize=6)
+    ax.set_xlabel(f"Distance threshold: {distance_label}\n(pair predicted 'same part' if distance <= threshold)")
+    ax.set_ylabel("Score (fraction)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("Verification metrics vs distance threshold")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _best_epoch(epochs: np.ndarray, scores: np.ndarray) -> int | None:
+    finite = np.isfinite(scores)
+    if not finite.any():
+        return None
+    masked = np.where(finite, scores, -np.inf)
+    return int(epochs[int(np.argmax(masked))])  # first maximum, as the training engine keeps it
+
+
+def loss_curves(
+    history: Sequence[dict],
+    *,
+    best_epoch: int | None = None,
+    loss_key: str = "train_loss",
+    score_key: str = "val_score",
+    score_label: str = "Validation score",
+) -> Figure:
+    """Training loss and validation score per epoch (two panels sharing the epoch axis), best epoch marked.
+
+    ``history`` is the engine's list of per-epoch records (``epoch``, ``train_loss``, ``val_score``, ...).
+    The best epoch is the first one with the highest finite validation score unless ``best_epoch`` is given.
+    """
+    if not history:
+        raise ValueError("history is empty")
+    epochs = np.array([h.get("epoch", i + 1) for i, h in enumerate(history)], dtype=np.int64)
+    loss = np.array([h.get(loss_key, np.nan) for h in history], dtype=np.float64)
+    score = np.array([h.get(score_key, np.nan) for h in history], dtype=np.float64)
+    if best_epoch is None:
+        best_epoch = _best_epoch(epochs, score)
+
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax_loss, ax_score = fig.subplots(2, 1, sharex=True)
+    ax_loss.plot(epochs, loss, marker="o", color="tab:blue", label="train loss")
+    ax_loss.set_ylabel("Training loss (mean per batch)")
+    ax_loss.set_title("Training loss per epoch")
+    ax_score.plot(epochs, score, marker="o", color="tab:orange", label=score_label.lower())
+    ax_score.set_ylabel(score_label)
+    ax_score.set_xlabel("Epoch")
+    ax_score.set_title(f"{score_label} per epoch")
+    if best_epoch is not None:
+        for ax in (ax_loss, ax_score):
+            ax.axvline(best_epoch, color="tab:green", linestyle="--", linewidth=1.3,
+                       label=f"best epoch = {best_epoch}")
+        hit = np.flatnonzero(epochs == best_epoch)
+        if len(hit) and np.isfinite(score[hit[0]]):
+            ax_score.plot([best_epoch], [score[hit[0]]], marker="*", markersize=14, color="tab:green",
+                          linestyle="none", label=f"best {score_label.lower()} = {score[hit[0]]:.4f}")
+    for ax in (ax_loss, ax_score):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    ax_score.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def roc_curve_figure(distances: np.ndarray, same: np.ndarray, threshold: float | None = None) -> Figure:
+    """ROC curve of the "same part" decision as the distance threshold sweeps (score = -distance), with
+    the AUC in the legend and, if ``threshold`` is given, its operating point."""
+    d, s = _pairs(distances, same)
+    if s.all() or not s.any():
+        raise ValueError("ROC needs both same-part and different-part pairs")
+    fpr, tpr, _ = roc_curve(s, -d)
+    auc = roc_auc_score(s, -d)
+    fig = Figure(figsize=(5.8, 5.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, color="tab:blue", linewidth=2, label=f"ROC (AUC = {auc:.4f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (AUC = 0.5)")
+    if threshold is not None:
+        pred = d <= threshold
+        op_tpr = float(pred[s].mean())
+        op_fpr = float(pred[~s].mean())
+        ax.plot([op_fpr], [op_tpr], marker="o", color=THRESHOLD_COLOR, linestyle="none",
+                label=f"threshold {threshold:.3f}: TPR {op_tpr:.2f}, FPR {op_fpr:.2f}")
+    ax.set_xlabel("False positive rate (different parts called same)")
+    ax.set_ylabel("True positive rate (same part recognised)")
+    ax.set_title(f"Pair verification ROC ({int(s.sum())} same / {int((~s).sum())} different pairs)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def comparison_bar_chart(table: pd.DataFrame, metrics: list[str], title: str = "Model comparison") -> Figure:
+    """Grouped bars: one group per metric, one bar per model (``table`` index = model name, one column per
+    metric), each bar annotated with its value (NaN drawn as an empty bar marked "n/a")."""
+    if len(table) == 0:
+        raise ValueError("table is empty")
+    if not metrics:
+        raise ValueError("metrics is empty")
+    missing = [m for m in metrics if m not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks metric column(s) {missing}")
+    values = table[list(metrics)].astype(float)
+    n_models, n_metrics = len(values), len(metrics)
+    width = 0.8 / n_models
+    x = np.arange(n_metrics)
+    fig = Figure(figsize=(max(6.0, 1.2 + n_metrics * (0.45 + 0.35 * n_models)), 5.2), layout="constrained")
+    ax = fig.subplots()
+    colors = [f"C{i % 10}" for i in range(n_models)]
+    for i, (model, row) in enumerate(values.iterrows()):
+        vals = row.to_numpy(dtype=np.float64)
+        heights = np.nan_to_num(vals, nan=0.0)
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), heights, width * 0.95, label=str(model), color=colors[i])
+        labels = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in vals]
+        ax.bar_label(bars, labels=labels, padding=2, fontsize=7 if n_models > 3 else 8,
+                     rotation=90 if n_models > 3 else 0)
+    finite = values.to_numpy()[np.isfinite(values.to_numpy())]
+    if len(finite) and finite.min() >= 0 and finite.max() <= 1:
+        ax.set_ylim(0, 1.18)
+        ax.set_ylabel("Score (fraction, higher is better)")
+    else:
+        ax.set_ylabel("Metric value")
+        ax.margins(y=0.15)
+    tilt = n_metrics > 4
+    ax.set_xticks(x, [str(m) for m in metrics], rotation=20 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_xlabel("Metric")
+    ax.set_title(title)
+    ax.legend(title="Model", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.axhline(0, color="black", linewidth=0.6)
+    return fig

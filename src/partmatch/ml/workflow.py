@@ -1,0 +1,211 @@
+"""Train / calibrate / evaluate one model from the preprocessed arrays: the logic behind the model pipelines.
+
+Plain functions (no Kedro): the Kedro nodes in ``partmatch.pipelines.training`` only call these.
+A trained model travels as a *bundle*, a dict of plain types and tensors that ``torch.load(...,
+weights_only=True)`` reads back: ``spec`` and ``state_dict`` (see ``models.model_spec``), the class names
+of the closed set, the preprocessing it expects, the input normalisation and the pair-decision threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from partmatch.config import TrainingParams
+from partmatch.ml import evaluation
+from partmatch.ml.data import InMemoryImages
+from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
+from partmatch.ml.models import build_model, model_from_spec, model_spec
+from partmatch.ml.objectives import build_objective
+
+logger = logging.getLogger(__name__)
+
+STUDY_STATS = ((0.5,), (0.5,))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def normalisation(p: TrainingParams, channels: int) -> tuple[tuple, tuple]:
+    """Input mean/std: ImageNet statistics for pretrained backbones (grey replicated), 0.5/0.5 otherwise."""
+    if p.pretrained or p.backbone != "study_cnn":
+        mean, std = IMAGENET_STATS
+        if channels == 1:
+            return (float(np.mean(mean)),), (float(np.mean(std)),)
+        return mean, std
+    return STUDY_STATS
+
+
+def split_rows(split_index: pd.DataFrame, split: str) -> np.ndarray:
+    """Row numbers (= rows of the image array) of one split."""
+    return np.flatnonzero(split_index["split"].to_numpy() == split)
+
+
+def class_mapping(split_index: pd.DataFrame) -> list[str]:
+    """The closed-set classes a model is trained on: the categories present in the train split, sorted."""
+    return sorted(split_index.loc[split_index["split"] == "train", "label"].unique().tolist())
+
+
+def encode_labels(labels: pd.Series, classes: list[str]) -> np.ndarray:
+    """Map category names to the model's class ids (-1 for categories it was not trained on)."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    return labels.map(lambda c: lookup.get(c, -1)).to_numpy(dtype=np.int64)
+
+
+def objective_params(p: TrainingParams) -> dict[str, Any]:
+    """The keyword arguments of the chosen loss, from the pipeline's flat parameters."""
+    single = {
+        "cross_entropy": {},
+        "contrastive": {"margin": p.margin, "m_per_class": p.m_per_class},
+        "triplet": {"margin": p.margin, "sampling": p.sampling, "m_per_class": p.m_per_class},
+        "quadruplet": {"margin1": p.margin, "margin2": p.margin2, "m_per_class": p.m_per_class},
+        "proxy_anchor": {"proxy_lr_multiplier": p.proxy_lr_multiplier},
+    }
+    if "+" in p.loss:
+        names = p.loss.split("+")
+        out: dict[str, Any] = {n: single[n] for n in names}
+        out["weights"] = {n: (p.proxy_weight if n == "proxy_anchor" else 1.0) for n in names}
+        return out
+    return single[p.loss]
+
+
+def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, image_size: int) -> torch.nn.Module:
+    """The model described by the parameters (study trunk or a registered backbone)."""
+    kwargs: dict[str, Any] = {}
+    if p.backbone != "study_cnn":
+        kwargs = {"pretrained": p.pretrained, "weights_path": p.weights_path}
+    return build_model(p.task, num_classes=num_classes, embedding_dim=p.embedding_dim, in_channels=in_channels,
+                       image_size=image_size, backbone=p.backbone, normalize=p.normalize, **kwargs)
+
+
+def train_config(p: TrainingParams, checkpoint_dir: str | None, mean: tuple, std: tuple) -> TrainConfig:
+    """Engine configuration from the pipeline's parameters."""
+    return TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                       patience=p.patience, device=p.device, seed=p.seed, amp=p.amp, augment=p.augment,
+                       checkpoint_dir=checkpoint_dir, resume=p.resume, max_batches_per_epoch=p.max_batches_per_epoch,
+                       progress=p.progress, mean=mean, std=std)
+
+
+def _val_scorer(p: TrainingParams, images: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+                train_y: np.ndarray, val_y: np.ndarray, mean: tuple, std: tuple, device: str):
+    if len(val_rows) == 0:
+        return None
+
+    def score(model: torch.nn.Module) -> float:
+        if p.task == "classifier":
+            logp = evaluation.predict_log_probs(model, images[val_rows], batch_size=p.eval_batch_size,
+                                                device=device, mean=mean, std=std)
+            return evaluation.classification_accuracy(logp, val_y)
+        emb = evaluation.embed_images(model, images, batch_size=p.eval_batch_size, device=device, mean=mean,
+                                      std=std, rows=np.concatenate([train_rows, val_rows]))
+        m = evaluation.retrieval_metrics(emb[len(train_rows):], val_y, emb[: len(train_rows)], train_y,
+                                         k_values=(1,), distance=p.distance)
+        return m["precision_at_1"]
+
+    return score
+
+
+def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
+          preprocessing: dict[str, Any]) -> tuple[dict, list[dict], dict]:
+    """Train one model on the train split with early stopping on the validation split; return (bundle, history, summary)."""
+    classes = class_mapping(split_index)
+    if len(classes) < 2:
+        raise ValueError(f"Training needs at least 2 categories in the train split, found {len(classes)}.")
+    train_rows, val_rows = split_rows(split_index, "train"), split_rows(split_index, "val")
+    y = encode_labels(split_index["label"], classes)
+    channels, size = int(images.shape[1]), int(images.shape[2])
+    mean, std = normalisation(p, channels)
+    seed_everything(p.seed)
+    model = build_from_params(p, len(classes), channels, size)
+    objective = build_objective(p.loss, objective_params(p), num_classes=len(classes), embedding_dim=p.embedding_dim)
+    device = str(resolve_device(p.device))
+    train_set = InMemoryImages(images[train_rows], y[train_rows], mean=mean, std=std)
+    scorer = _val_scorer(p, images, train_rows, val_rows, y[train_rows], y[val_rows], mean, std, device)
+    logger.info("Training %s (%s, loss %s%s) on %d images / %d categories, validating on %d, device %s.",
+                p.task, p.backbone, p.loss, f", sampling {p.sampling}" if p.loss == "triplet" else "",
+                len(train_rows), len(classes), len(val_rows), device)
+    started = time.perf_counter()
+    result = fit(model, objective, train_set, scorer, train_config(p, checkpoint_dir, mean, std))
+    summary = {k: v for k, v in asdict(result).items() if k != "history"}
+    summary.update({"wall_seconds": time.perf_counter() - started, "train_images": int(len(train_rows)),
+                    "classes": len(classes)})
+    bundle = {
+        "spec": model_spec(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "classes": classes,
+        "preprocessing": {k: preprocessing[k] for k in ("image_size", "color_mode", "background") if k in preprocessing},
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "distance": p.distance,
+        "threshold": None,
+    }
+    return bundle, result.history, summary
+
+
+def load_bundle(bundle: dict, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild the trained model of a bundle, in eval mode on ``device``."""
+    model = model_from_spec(bundle["spec"], bundle["state_dict"])
+    return model.to(device).eval()
+
+
+def _stats(bundle: dict) -> tuple[tuple, tuple]:
+    return tuple(bundle["normalization"]["mean"]), tuple(bundle["normalization"]["std"])
+
+
+def calibrate_threshold(bundle: dict, images: np.ndarray, split_index: pd.DataFrame,
+                        p: TrainingParams) -> tuple[dict, pd.DataFrame, np.ndarray, np.ndarray]:
+    """Pick the accuracy-maximising distance threshold on seeded balanced *training* pairs (as the study did)."""
+    device = str(resolve_device(p.device))
+    model = load_bundle(bundle, device)
+    rows = split_rows(split_index, "train")
+    labels = encode_labels(split_index["label"], bundle["classes"])[rows]
+    emb = evaluation.embed_images(model, images, batch_size=p.eval_batch_size, device=device,
+                                  mean=_stats(bundle)[0], std=_stats(bundle)[1], rows=rows)
+    a, b, same = evaluation.sample_pairs(labels, p.threshold_pairs, seed=p.seed)
+    dist = evaluation.pair_distances(emb, a, b, distance=bundle.get("distance", "euclidean"))
+    threshold, curve = evaluation.choose_threshold(dist, same)
+    logger.info("Pair threshold %.4f chosen on %d training pairs (train pair accuracy %.4f).", threshold, len(dist),
+                float(curve["accuracy"].max()))
+    return {**bundle, "threshold": float(threshold)}, curve, dist, same
+
+
+def evaluate(bundle: dict, images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams) -> dict[str, float]:
+    """The evaluation contract: closed-set retrieval (test vs train), open-set leave-one-out, pairs, accuracy."""
+    device = str(resolve_device(p.device))
+    model = load_bundle(bundle, device)
+    mean, std = _stats(bundle)
+    y = encode_labels(split_index["label"], bundle["classes"])
+    codes = pd.factorize(split_index["label"])[0]  # open-set categories need ids too (not the model's)
+    rows = {s: split_rows(split_index, s) for s in ("train", "test", "open")}
+    emb = {s: evaluation.embed_images(model, images, batch_size=p.eval_batch_size, device=device, mean=mean,
+                                      std=std, rows=r) for s, r in rows.items()}
+    metrics = evaluation.evaluate_embeddings(
+        emb["train"], y[rows["train"]], emb["test"], y[rows["test"]],
+        emb["open"] if len(rows["open"]) else None, codes[rows["open"]] if len(rows["open"]) else None,
+        threshold=bundle["threshold"], seed=p.seed, n_pairs=p.eval_pairs, distance=bundle.get("distance", "euclidean"))
+    if p.task == "classifier" and len(rows["test"]):
+        logp = evaluation.predict_log_probs(model, images[rows["test"]], batch_size=p.eval_batch_size, device=device,
+                                            mean=mean, std=std)
+        metrics["test_accuracy"] = evaluation.classification_accuracy(logp, y[rows["test"]])
+    metrics["threshold"] = float(bundle["threshold"]) if bundle["threshold"] is not None else float("nan")
+    return metrics
+
+
+def evaluate_unseen(bundle: dict, images: np.ndarray, labels: pd.Series, seed: int = 0,
+                    n_pairs: int = 2000, batch_size: int = 256) -> dict[str, float]:
+    """Score a trained model on a new image source, every category unseen: leave-one-out retrieval and pairs."""
+    device = str(resolve_device("auto"))
+    model = load_bundle(bundle, device)
+    mean, std = _stats(bundle)
+    emb = evaluation.embed_images(model, images, batch_size=batch_size, device=device, mean=mean, std=std)
+    codes = pd.factorize(labels)[0]
+    metrics = evaluation.retrieval_metrics(emb, codes, prefix="open_set_", distance=bundle.get("distance", "euclidean"))
+    if bundle.get("threshold") is not None:
+        a, b, same = evaluation.sample_pairs(codes, n_pairs, seed=seed)
+        dist = evaluation.pair_distances(emb, a, b, distance=bundle.get("distance", "euclidean"))
+        metrics.update(evaluation.pair_metrics(dist, same, bundle["threshold"], prefix="open_set_"))
+    metrics.update({"open_set_images": int(len(codes)), "open_set_categories": int(codes.max() + 1)})
+    return metrics

@@ -1,0 +1,485 @@
+"""Tests of partmatch.ml.evaluation on hand-made embeddings whose answers are known."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from partmatch.ml import evaluation as E
+
+RETRIEVAL_KEYS = ["precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_2", "recall_at_4",
+                  "recall_at_8", "knn_accuracy"]
+PAIR_KEYS = ["pair_accuracy", "pair_precision", "pair_recall", "pair_f1", "roc_auc"]
+
+
+def clusters(n_classes: int = 3, per_class: int = 6, dim: int = 4, spread: float = 0.1, seed: int = 0,
+             offset: float = 0.0):
+    """Well-separated clusters: centres 10 apart on the axes, tiny noise."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(max(n_classes, dim))[:n_classes, :dim] * 10.0 + offset
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = centres[y] + rng.normal(scale=spread, size=(len(y), dim))
+    return x.astype(np.float32), y
+
+
+# ------------------------------------------------------------------------ brute-force reference metrics
+
+
+def reference_retrieval(q, ql, g=None, gl=None, k_values=(1, 2, 4, 8)):
+    """Plain numpy definitions (no faiss, no PML) for cross-checking; assumes distinct distances."""
+    loo = g is None
+    if loo:
+        g, gl = q, ql
+    d = ((q[:, None, :].astype(np.float64) - g[None, :, :]) ** 2).sum(-1)
+    if loo:
+        np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1, kind="stable")
+    if loo:
+        order = order[:, :-1]
+    p1, rp, mapr, knn = [], [], [], []
+    rec = {k: [] for k in k_values}
+    for i in range(len(q)):
+        r = int((gl == ql[i]).sum()) - int(loo)
+        if r <= 0:
+            continue
+        hits = gl[order[i]] == ql[i]
+        p1.append(hits[0])
+        rp.append(hits[:r].mean())
+        prec = np.cumsum(hits[:r]) / np.arange(1, r + 1)
+        mapr.append((prec * hits[:r]).sum() / r)
+        for k in k_values:
+            rec[k].append(hits[:k].any())
+        nb = gl[order[i][:5]]
+        counts = {lab: (nb == lab).sum() for lab in nb}
+        best = max(counts.values())
+        vote = next(lab for lab in nb if counts[lab] == best)
+        knn.append(vote == ql[i])
+    out = {"precision_at_1": np.mean(p1), "r_precision": np.mean(rp), "map_at_r": np.mean(mapr),
+           "knn_accuracy": np.mean(knn)}
+    out |= {f"recall_at_{k}": np.mean(v) for k, v in rec.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- retrieval
+
+
+def test_separated_clusters_are_perfect_closed_set_and_leave_one_out():
+    gallery, gl = clusters(seed=1)
+    query, ql = clusters(per_class=4, seed=2)
+    for res in (E.retrieval_metrics(query, ql, gallery, gl), E.retrieval_metrics(query, ql)):
+        assert list(res) == RETRIEVAL_KEYS
+        assert all(isinstance(v, float) for v in res.values())
+        for key in RETRIEVAL_KEYS:
+            assert res[key] == pytest.approx(1.0), key
+
+
+def test_exactly_one_wrong_nearest_neighbour():
+    # gallery: class c at x = 10c (c = 0..4), 3 items each; queries next to their own class except one
+    gl = np.repeat(np.arange(5), 3)
+    gallery = np.stack([10.0 * gl + np.tile([0.0, 0.3, 0.6], 5), np.zeros(15)], axis=1).astype(np.float32)
+    ql = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    qx = 10.0 * ql + 0.1
+    qx[3] = 10.0 * 4 - 0.2  # class-3 query placed right next to the class-4 items
+    query = np.stack([qx, np.zeros(10)], axis=1).astype(np.float32)
+    res = E.retrieval_metrics(query, ql, gallery, gl)
+    assert res["precision_at_1"] == pytest.approx(9 / 10)
+    assert res["recall_at_1"] == pytest.approx(9 / 10)
+    assert res["knn_accuracy"] == pytest.approx(9 / 10)  # its 5-NN: 3 of class 4, 2 of class 3
+    assert res["recall_at_8"] == pytest.approx(1.0)  # the class-3 items are within its 8 nearest
+    assert res["map_at_r"] < 1.0
+
+
+def test_leave_one_out_never_counts_the_query_itself():
+    # points on a line, classes alternating, gaps all different: each point's nearest *other* point is
+    # of the other class, while the point itself (distance 0) would be a perfect match
+    gaps = 1.0 + 0.01 * np.arange(11)
+    x = np.concatenate([[0.0], np.cumsum(gaps)])[:, None].astype(np.float32)
+    y = np.arange(12) % 2
+    res = E.retrieval_metrics(x, y)
+    assert res["precision_at_1"] == 0.0
+    assert res["recall_at_1"] == 0.0
+    assert res["r_precision"] < 0.5
+    # the same points as an explicit gallery do find themselves
+    assert E.retrieval_metrics(x, y, x, y)["precision_at_1"] == 1.0
+
+
+def test_single_sample_classes_are_excluded_from_leave_one_out_queries(caplog):
+    x, y = clusters(n_classes=2, per_class=5, dim=3)
+    lone = np.array([[-500.0, -500.0, -500.0]], dtype=np.float32)  # far from everything, own class
+    xs, ys = np.concatenate([x, lone]), np.concatenate([y, [7]])
+    with caplog.at_level(logging.WARNING, logger="partmatch.ml.evaluation"):
+        res = E.retrieval_metrics(xs, ys)
+    assert res["precision_at_1"] == 1.0  # would be 10/11 if the lone sample were a query
+    assert res["knn_accuracy"] == 1.0
+    assert "1 of 11 queries excluded" in caplog.text and "single-sample" in caplog.text
+
+
+def test_closed_set_queries_of_unknown_classes_are_excluded():
+    gallery, gl = clusters(n_classes=3, seed=1)
+    query, ql = clusters(n_classes=3, per_class=2, seed=2)
+    ql = ql.copy()
+    ql[:2] = 99  # class absent from the gallery
+    res = E.retrieval_metrics(query, ql, gallery, gl)
+    assert res["precision_at_1"] == 1.0
+
+
+@pytest.mark.parametrize("per_class", [4, 9, 10, 30])
+def test_no_spurious_pml_warning_and_r_metrics_exact(per_class, caplog):
+    # PML warns "k is less than the max bin count" in leave-one-out when k == R (it counts the query)
+    x, y = clusters(n_classes=3, per_class=per_class, dim=3)
+    with caplog.at_level(logging.WARNING):
+        for res in (E.retrieval_metrics(x, y), E.retrieval_metrics(x, y, x, y)):
+            assert res["r_precision"] == 1.0 and res["map_at_r"] == 1.0
+    assert caplog.records == []
+
+
+def test_all_queries_unretrievable_gives_nan():
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    res = E.retrieval_metrics(x, np.arange(4))
+    assert list(res) == RETRIEVAL_KEYS
+    assert all(np.isnan(v) for v in res.values())
+
+
+@pytest.mark.parametrize("loo", [True, False])
+def test_matches_brute_force_reference_on_noisy_data(loo):
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 8))
+    yq = np.concatenate([np.repeat(np.arange(6), [2, 3, 4, 5, 6, 7]), [6]])  # class 6 is a singleton
+    q = (np.concatenate([centres, rng.normal(size=(1, 8))])[yq] + rng.normal(scale=0.9, size=(len(yq), 8)))
+    q = q.astype(np.float32)
+    if loo:
+        res, ref = E.retrieval_metrics(q, yq), reference_retrieval(q, yq)
+    else:
+        yg = np.repeat(np.arange(6), [3, 9, 2, 4, 6, 5])
+        g = (centres[yg] + rng.normal(scale=0.9, size=(len(yg), 8))).astype(np.float32)
+        res, ref = E.retrieval_metrics(q, yq, g, yg), reference_retrieval(q, yq, g, yg)
+    assert 0.2 < res["precision_at_1"] < 1.0  # a non-trivial case
+    for key in RETRIEVAL_KEYS:
+        assert res[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+def test_recall_at_k_is_monotone_in_k():
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(10), 6)
+    x = (rng.normal(size=(10, 6))[y] + rng.normal(scale=1.5, size=(60, 6))).astype(np.float32)
+    ks = (1, 2, 3, 4, 8, 16)
+    res = E.retrieval_metrics(x, y, k_values=ks)
+    recalls = [res[f"recall_at_{k}"] for k in ks]
+    assert recalls == sorted(recalls)
+    assert recalls[0] == pytest.approx(res["precision_at_1"])
+    assert recalls[0] < recalls[-1]
+
+
+def test_k_larger_than_gallery_uses_the_whole_gallery():
+    gallery = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]], dtype=np.float32)
+    gl = np.array([1, 2, 0])  # the class-0 item is the *last* (faiss pads short results with -1)
+    query = np.array([[-0.1, 0.0]], dtype=np.float32)
+    res = E.retrieval_metrics(query, np.array([0]), gallery, gl)
+    assert res["precision_at_1"] == 0.0
+    assert res["recall_at_2"] == 0.0
+    assert res["recall_at_4"] == 1.0 and res["recall_at_8"] == 1.0
+    assert res["knn_accuracy"] == 0.0  # 3 neighbours, three classes: tie -> nearest (class 1)
+    assert res["r_precision"] == 0.0 and res["map_at_r"] == 0.0  # R = 1: only the nearest item counts
+
+
+def test_knn_vote_majority_and_tie_break():
+    labels = np.array([[1, 2, 2, 3, 3], [1, 2, 3, 4, 5], [4, 5, 5, 4, 6], [7, 7, 8, 8, 8]])
+    assert E._knn_vote(labels).tolist() == [2, 1, 4, 8]
+
+
+def test_prefix_applied_and_string_labels():
+    x, y = clusters()
+    names = np.array(["brake_disc", "oil_filter", "spark_plug"])[y]
+    res = E.retrieval_metrics(x, names, prefix="open_set_")
+    assert list(res) == [f"open_set_{k}" for k in RETRIEVAL_KEYS]
+    assert res["open_set_precision_at_1"] == 1.0
+
+
+def test_cosine_distance_differs_from_euclidean():
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    gallery = np.array([[10.0, 1.0], [0.9, 0.5]], dtype=np.float32)  # same direction far / close but rotated
+    gl = np.array([0, 1])
+    assert E.retrieval_metrics(query, [0], gallery, gl)["precision_at_1"] == 0.0
+    assert E.retrieval_metrics(query, [0], gallery, gl, distance="cosine")["precision_at_1"] == 1.0
+    with pytest.raises(ValueError, match="distance"):
+        E.retrieval_metrics(query, [0], gallery, gl, distance="manhattan")
+
+
+def test_retrieval_input_errors_name_the_argument():
+    x, y = clusters()
+    with pytest.raises(ValueError, match="query_emb"):
+        E.retrieval_metrics(np.zeros((0, 4), np.float32), [])
+    with pytest.raises(ValueError, match="query_labels"):
+        E.retrieval_metrics(x, y[:-1])
+    with pytest.raises(ValueError, match="gallery_emb"):
+        E.retrieval_metrics(x, y, np.zeros((0, 4), np.float32), np.zeros(0))
+    with pytest.raises(ValueError, match="gallery_labels"):
+        E.retrieval_metrics(x, y, x, y[:3])
+    with pytest.raises(ValueError, match="both"):
+        E.retrieval_metrics(x, y, x, None)
+    with pytest.raises(ValueError, match="dimension"):
+        E.retrieval_metrics(x, y, x[:, :2], y)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="query_emb.*NaN"):
+        E.retrieval_metrics(bad, y)
+    with pytest.raises(ValueError, match="k_values"):
+        E.retrieval_metrics(x, y, k_values=(0, 1))
+
+
+# ------------------------------------------------------------------------------------------ pairs
+
+
+def test_sample_pairs_balanced_valid_and_deterministic():
+    y = np.repeat(np.arange(8), [10, 11, 12, 13, 14, 15, 16, 17])  # 820 positive pairs exist
+    a, b, same = E.sample_pairs(y, 301, seed=7)
+    assert len(a) == len(b) == len(same) == 301
+    assert a.dtype == np.int64 and same.dtype == bool
+    assert same.sum() == 150 and (~same).sum() == 151
+    assert np.array_equal(y[a] == y[b], same)
+    assert (a != b).all()
+    pairs = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())}
+    assert len(pairs) == 301  # enough distinct pairs exist, so none repeats
+    a2, b2, same2 = E.sample_pairs(y, 301, seed=7)
+    assert np.array_equal(a, a2) and np.array_equal(b, b2) and np.array_equal(same, same2)
+    a3, b3, _ = E.sample_pairs(y, 301, seed=8)
+    assert not (np.array_equal(a, a3) and np.array_equal(b, b3))
+    assert not np.array_equal(same[:20], np.sort(same[:20]))  # shuffled, not positives-then-negatives
+
+
+def test_sample_pairs_repeats_when_the_pool_is_small_and_rejects_impossible_sets():
+    y = np.array([0, 0, 1, 1])  # 2 positive pairs, 4 negative pairs
+    a, b, same = E.sample_pairs(y, 20, seed=0)
+    assert same.sum() == 10
+    assert np.array_equal(y[a] == y[b], same)
+    assert {tuple(sorted(p)) for p, s in zip(zip(a.tolist(), b.tolist()), same) if s} == {(0, 1), (2, 3)}
+    with pytest.raises(ValueError, match="single class"):
+        E.sample_pairs(np.zeros(5), 10, 0)
+    with pytest.raises(ValueError, match="two items"):
+        E.sample_pairs(np.arange(5), 10, 0)
+    with pytest.raises(ValueError, match="n_pairs"):
+        E.sample_pairs(y, 1, 0)
+
+
+def test_pair_distances_are_euclidean():
+    emb = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]], dtype=np.float32)
+    d = E.pair_distances(emb, np.array([0, 1, 2]), np.array([1, 2, 2]))
+    np.testing.assert_allclose(d, [5.0, np.sqrt(13.0), 0.0])
+
+
+def test_choose_threshold_on_separable_distances():
+    rng = np.random.default_rng(0)
+    pos, neg = rng.uniform(0.1, 0.9, 50), rng.uniform(1.5, 3.0, 70)
+    d = np.concatenate([pos, neg])
+    same = np.concatenate([np.ones(50, bool), np.zeros(70, bool)])
+    perm = rng.permutation(len(d))
+    thr, curve = E.choose_threshold(d[perm], same[perm])
+    assert pos.max() < thr < neg.min()
+    assert list(curve.columns) == ["threshold", "accuracy", "precision", "recall", "f1"]
+    assert curve["accuracy"].max() == 1.0
+    assert curve["threshold"].is_monotonic_increasing
+    assert curve["recall"].is_monotonic_increasing
+    assert E.pair_metrics(d, same, thr) == {"pair_accuracy": 1.0, "pair_precision": 1.0, "pair_recall": 1.0,
+                                            "pair_f1": 1.0, "roc_auc": 1.0}
+
+
+def test_choose_threshold_maximises_accuracy_on_overlapping_distances():
+    rng = np.random.default_rng(1)
+    same = rng.random(400) < 0.5
+    d = np.where(same, rng.normal(1.0, 0.4, 400), rng.normal(1.8, 0.4, 400))
+    d = np.round(d, 2)  # ties
+    thr, curve = E.choose_threshold(d, same)
+    brute = max(np.mean((d <= t) == same) for t in np.concatenate([[-1.0], np.unique(d)]))
+    assert np.mean((d <= thr) == same) == pytest.approx(brute)
+    assert curve["accuracy"].max() == pytest.approx(brute)
+    assert 0.7 < brute < 1.0
+    row = curve.iloc[int(np.argmin(np.abs(curve["threshold"] - 1.4)))]
+    t = row["threshold"]
+    m = E.pair_metrics(d, same, t)
+    assert row["accuracy"] == pytest.approx(m["pair_accuracy"])
+    assert row["precision"] == pytest.approx(m["pair_precision"])
+    assert row["recall"] == pytest.approx(m["pair_recall"])
+    assert row["f1"] == pytest.approx(m["pair_f1"])
+
+
+def test_pair_metrics_known_values_and_prefix():
+    d = np.array([0.1, 0.5, 0.5, 0.9, 1.2, 2.0])
+    same = np.array([True, True, False, True, False, False])
+    m = E.pair_metrics(d, same, 0.5, prefix="open_set_")
+    assert list(m) == [f"open_set_{k}" for k in PAIR_KEYS]
+    # predicted same: d <= 0.5 -> first three (inclusive); TP=2, FP=1, FN=1, TN=2
+    assert m["open_set_pair_accuracy"] == pytest.approx(4 / 6)
+    assert m["open_set_pair_precision"] == pytest.approx(2 / 3)
+    assert m["open_set_pair_recall"] == pytest.approx(2 / 3)
+    assert m["open_set_pair_f1"] == pytest.approx(2 / 3)
+    # AUC: of the 9 (pos, neg) pairs, pos closer in 7, tie (0.5, 0.5) counts half
+    assert m["open_set_roc_auc"] == pytest.approx(7.5 / 9)
+    with pytest.raises(ValueError, match="distances"):
+        E.pair_metrics([], [], 0.5)
+
+
+def test_classification_accuracy():
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.1, 0.0], [0.0, 3.0, 0.1], [0.0, 0.2, 0.1]]), dim=1)
+    assert E.classification_accuracy(logp, torch.tensor([0, 1, 2])) == pytest.approx(2 / 3)
+    assert E.classification_accuracy(np.array([1, 1, 0, 2]), np.array([1, 0, 0, 2])) == 0.75
+    with pytest.raises(ValueError, match="labels"):
+        E.classification_accuracy(np.array([1, 2]), np.array([1]))
+    with pytest.raises(ValueError, match="empty"):
+        E.classification_accuracy(np.zeros((0, 3)), np.zeros(0))
+
+
+# ------------------------------------------------------------------------------------------ embedding
+
+
+class MeanEmbedder(nn.Module):
+    """embed(x) = per-channel mean; forward would return something else, so using embed is observable."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.seen_training: list[bool] = []
+        self.seen_grad: list[bool] = []
+
+    def embed(self, x):
+        self.seen_training.append(self.training)
+        self.seen_grad.append(torch.is_grad_enabled())
+        return x.mean(dim=(2, 3)) + self.dummy
+
+    def forward(self, x):
+        return torch.full((x.shape[0], 7), 123.0)
+
+
+def test_embed_images_normalises_batches_and_uses_embed():
+    imgs = np.zeros((7, 3, 4, 4), dtype=np.uint8)
+    imgs[:, 0] = 255
+    imgs[:, 1] = np.arange(7, dtype=np.uint8)[:, None, None] * 30
+    model = MeanEmbedder()
+    model.train()
+    emb = E.embed_images(model, imgs, batch_size=3)
+    assert emb.dtype == np.float32 and emb.shape == (7, 3)
+    np.testing.assert_allclose(emb[:, 0], 1.0, atol=1e-6)  # (1 - 0.5) / 0.5
+    np.testing.assert_allclose(emb[:, 2], -1.0, atol=1e-6)
+    np.testing.assert_allclose(emb[:, 1], (np.arange(7) * 30 / 255 - 0.5) / 0.5, atol=1e-6)
+    assert model.seen_training == [False, False, False] and model.seen_grad == [False] * 3
+    assert model.training  # mode restored
+    np.testing.assert_array_equal(E.embed_images(model, imgs, batch_size=256), emb)
+    emb_c = E.embed_images(model, imgs, mean=(0.0, 0.5, 1.0), std=(1.0, 0.5, 0.25))
+    np.testing.assert_allclose(emb_c[:, 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(emb_c[:, 2], -4.0, atol=1e-6)
+
+
+def test_embed_images_falls_back_to_forward_and_validates():
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    gray = np.random.default_rng(0).integers(0, 256, (4, 4, 4), dtype=np.uint8)  # (N, H, W)
+    emb = E.embed_images(seq, gray)
+    with torch.no_grad():
+        ref = seq(torch.from_numpy(gray).float().div(255).sub(0.5).div(0.5)[:, None])
+    np.testing.assert_allclose(emb, ref.numpy(), atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        E.embed_images(seq, gray.astype(np.float32))
+    with pytest.raises(ValueError, match="images_uint8"):
+        E.embed_images(seq, np.zeros((0, 1, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="mean"):
+        E.embed_images(seq, gray, mean=(0.5, 0.5))
+
+
+# ------------------------------------------------------------------------------------------ bundle
+
+
+def test_evaluate_embeddings_keys_values_and_determinism():
+    train, ytr = clusters(n_classes=4, per_class=8, seed=1)
+    test, yte = clusters(n_classes=4, per_class=5, seed=2)
+    open_x, yo = clusters(n_classes=3, per_class=4, seed=3, offset=100.0)
+    res = E.evaluate_embeddings(train, ytr, test, yte, open_x, yo + 10, threshold=2.0, seed=11, n_pairs=200)
+    expected = RETRIEVAL_KEYS + PAIR_KEYS + [f"open_set_{k}" for k in RETRIEVAL_KEYS + PAIR_KEYS]
+    assert sorted(res) == sorted(expected)
+    assert all(v == 1.0 for v in res.values()), res  # separated clusters, threshold in the gap
+    for k in RETRIEVAL_KEYS:
+        assert res[k] == E.retrieval_metrics(test, yte, train, ytr)[k]
+    again = E.evaluate_embeddings(train, ytr, test, yte, open_x, yo + 10, threshold=2.0, seed=11, n_pairs=200)
+    assert again == res
+    # noisy embeddings: pair metrics depend on the pairs drawn, so on the seed
+    rng = np.random.default_rng(0)
+    noisy = test + rng.normal(scale=6.0, size=test.shape).astype(np.float32)
+    r1 = E.evaluate_embeddings(train, ytr, noisy, yte, None, None, threshold=8.0, seed=1, n_pairs=200)
+    r1b = E.evaluate_embeddings(train, ytr, noisy, yte, None, None, threshold=8.0, seed=1, n_pairs=200)
+    r2 = E.evaluate_embeddings(train, ytr, noisy, yte, None, None, threshold=8.0, seed=2, n_pairs=200)
+    assert r1 == r1b
+    assert r1["pair_accuracy"] != r2["pair_accuracy"] or r1["roc_auc"] != r2["roc_auc"]
+    assert sorted(r1) == sorted(RETRIEVAL_KEYS + PAIR_KEYS)  # no open set -> no open_set_ keys
+
+
+def test_evaluate_embeddings_empty_and_degenerate_open_set():
+    train, ytr = clusters(seed=1)
+    test, yte = clusters(per_class=3, seed=2)
+    res = E.evaluate_embeddings(train, ytr, test, yte, np.zeros((0, 4), np.float32), np.zeros(0), 2.0, 0, 50)
+    assert not any(k.startswith("open_set_") for k in res)
+    # open set of singletons: nothing retrievable, no positive pair -> NaN, keys present
+    res = E.evaluate_embeddings(train, ytr, test, yte, test[:3], np.array([5, 6, 7]), 2.0, 0, 50)
+    assert all(np.isnan(res[f"open_set_{k}"]) for k in RETRIEVAL_KEYS + PAIR_KEYS)
+    assert isinstance(pd.Series(res).astype(float), pd.Series)
+
+
+def test_pair_sampling_covers_many_pairs():
+    y = np.repeat(np.arange(20), 15)  # 2100 positive pairs exist, 1000 wanted
+    a, b, same = E.sample_pairs(y, 2000, seed=3)
+    n_distinct = len({tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())})
+    assert n_distinct == 2000
+    # anchors cover (nearly) all images
+    assert len(set(itertools.chain(a.tolist(), b.tolist()))) == 300
+
+
+# ------------------------------------------------------------------- extras used by partmatch.ml.workflow
+
+
+def test_embed_images_rows_select_and_order_without_copying_everything():
+    imgs = (np.arange(6, dtype=np.uint8)[:, None, None, None] * 40 * np.ones((6, 1, 2, 2), np.uint8))
+    model = MeanEmbedder()
+    full = E.embed_images(model, imgs)
+    sub = E.embed_images(model, imgs, rows=np.array([4, 1, 1]), batch_size=2)
+    np.testing.assert_array_equal(sub, full[[4, 1, 1]])
+    empty = E.embed_images(model, imgs, rows=np.array([], dtype=np.int64))
+    assert empty.shape == (0, 1) and empty.dtype == np.float32
+
+
+def test_predict_log_probs_normalises_and_feeds_classification_accuracy():
+    class Logits(nn.Module):
+        def forward(self, x):  # class scores from the mean brightness: dark -> 0, mid -> 1, bright -> 2
+            v = x.mean(dim=(1, 2, 3))
+            return torch.stack([-10 * (v + 1).abs(), -10 * v.abs(), -10 * (v - 1).abs()], dim=1)
+
+    imgs = np.stack([np.full((1, 3, 3), v, np.uint8) for v in (0, 128, 255, 255)])
+    logp = E.predict_log_probs(Logits(), imgs, batch_size=3)
+    assert logp.shape == (4, 3) and logp.dtype == np.float32
+    np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-5)
+    assert logp.argmax(axis=1).tolist() == [0, 1, 2, 2]
+    assert E.classification_accuracy(logp, [0, 1, 2, 0]) == 0.75
+    sub = E.predict_log_probs(Logits(), imgs, rows=[2, 0])
+    np.testing.assert_allclose(sub, logp[[2, 0]], atol=1e-6)
+
+
+def test_cosine_pair_distances_and_scale_invariant_evaluation():
+    emb = np.array([[1.0, 0.0], [5.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    d = E.pair_distances(emb, [0, 0, 0], [1, 2, 3], distance="cosine")
+    np.testing.assert_allclose(d, [0.0, np.sqrt(2.0), 2.0], atol=1e-12)
+    with pytest.raises(ValueError, match="distance"):
+        E.pair_distances(emb, [0], [1], distance="l1")
+    train, ytr = clusters(n_classes=4, per_class=8, seed=1, offset=1.0)
+    test, yte = clusters(n_classes=4, per_class=5, seed=2, offset=1.0)
+    scale = np.random.default_rng(0).uniform(0.1, 10.0, size=(len(test), 1)).astype(np.float32)
+    kw = dict(open_emb=None, open_labels=None, threshold=0.5, seed=3, n_pairs=100, distance="cosine")
+    r1 = E.evaluate_embeddings(train, ytr, test, yte, **kw)
+    r2 = E.evaluate_embeddings(train, ytr, test * scale, yte, **kw)
+    for key in r1:
+        assert r1[key] == pytest.approx(r2[key], abs=1e-9), key
+    assert r1["pair_accuracy"] == 1.0
+    # Euclidean is not scale invariant: rescaled same-class points are far apart
+    kw["distance"] = "euclidean"
+    assert E.evaluate_embeddings(train, ytr, test, yte, **kw)["pair_accuracy"] == 1.0
+    assert E.evaluate_embeddings(train, ytr, test * scale, yte, **kw)["pair_accuracy"] < 0.8

@@ -1,0 +1,217 @@
+import numpy as np
+import pytest
+import torch
+
+from partmatch.ml.data import class_balanced_batches, epoch_rng, shuffled_batches
+from partmatch.ml.models import build_model
+from partmatch.ml.objectives import (
+    VALID_LOSSES,
+    ClassificationObjective,
+    ContrastiveObjective,
+    MultiObjective,
+    ProxyAnchorObjective,
+    TripletObjective,
+    balanced_pairs,
+    build_objective,
+    random_quadruplets,
+    random_triplets,
+)
+
+LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 4])
+
+
+# ------------------------------------------------------------------------------------------ pair mining
+
+
+def test_balanced_pairs_are_balanced_and_correctly_labelled():
+    torch.manual_seed(0)
+    i, j, y = balanced_pairs(LABELS)
+    n_pos, n_neg = int((y == 0).sum()), int((y == 1).sum())
+    same = LABELS[i] == LABELS[j]
+    total_pos = 3 + 1 + 6 + 1  # C(3,2) + C(2,2) + C(4,2) + C(2,2)
+    assert n_pos == n_neg == total_pos
+    assert torch.all(same[y == 0]) and not torch.any(same[y == 1])
+    assert torch.all(i < j)
+    assert len({(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)}) == len(i)  # no duplicates
+
+
+def test_balanced_pairs_respects_max_pairs_and_is_seeded():
+    torch.manual_seed(1)
+    first = balanced_pairs(LABELS, max_pairs=6)
+    torch.manual_seed(1)
+    second = balanced_pairs(LABELS, max_pairs=6)
+    assert len(first[0]) == 6 and int(first[2].sum()) == 3
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# --------------------------------------------------------------------------------------- triplet mining
+
+
+def test_random_triplets_are_valid_and_cover_every_anchor():
+    torch.manual_seed(0)
+    a, p, n = random_triplets(LABELS)
+    # label 4 has a single image: no positive, so that anchor is skipped
+    assert a.tolist() == [k for k in range(len(LABELS)) if LABELS[k] != 4]
+    assert torch.all(LABELS[a] == LABELS[p]) and torch.all(a != p)
+    assert torch.all(LABELS[a] != LABELS[n])
+
+
+def test_random_triplets_are_uniform_not_hardest():
+    seen_pos, seen_neg = set(), set()
+    for seed in range(60):
+        torch.manual_seed(seed)
+        a, p, n = random_triplets(LABELS)
+        row = (a == 5).nonzero().item()  # anchor 5 (label 2) has positives 6, 7, 8
+        seen_pos.add(p[row].item())
+        seen_neg.add(n[row].item())
+    assert seen_pos == {6, 7, 8}
+    assert len(seen_neg) >= 6
+
+
+def test_triplet_objective_random_uses_the_random_triplets():
+    obj = TripletObjective(margin=0.5, sampling="random")
+    emb = torch.randn(len(LABELS), 4)
+    torch.manual_seed(3)
+    a, p, n = obj.mine(emb, LABELS)
+    assert torch.all(LABELS[a] == LABELS[p]) and torch.all(LABELS[a] != LABELS[n]) and torch.all(a != p)
+
+
+def test_semihard_triplets_satisfy_the_semihard_condition():
+    torch.manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(4)
+    emb = torch.randn(len(labels), 3)  # random embeddings: plenty of easy, hard and semihard triplets
+    margin = 0.5
+    a, p, n = TripletObjective(margin=margin, sampling="semihard").mine(emb, labels)
+    assert len(a) > 0
+    d = torch.cdist(emb, emb)
+    d_ap, d_an = d[a, p], d[a, n]
+    assert torch.all(labels[a] == labels[p]) and torch.all(labels[a] != labels[n])
+    assert torch.all(d_ap < d_an)
+    assert torch.all(d_an < d_ap + margin + 1e-6)
+    # and it is a strict subset of all triplets: some valid triplets were rejected
+    assert len(a) < 6 * 4 * 3 * 20
+
+
+def test_hard_triplets_take_the_hardest_positive_and_negative():
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(3)
+    emb = torch.randn(len(labels), 5)
+    a, p, n = TripletObjective(margin=0.2, sampling="hard").mine(emb, labels)
+    d = torch.cdist(emb, emb)
+    same = labels[:, None] == labels[None, :]
+    for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist(), strict=True):
+        assert d[ai, pi] == pytest.approx(d[ai][same[ai]].max().item(), abs=1e-5)
+        assert d[ai, ni] == pytest.approx(d[ai][~same[ai]].min().item(), abs=1e-5)
+
+
+def test_unknown_triplet_sampling_is_rejected():
+    with pytest.raises(ValueError, match="semihard"):
+        TripletObjective(sampling="hardest")
+
+
+def test_random_quadruplets_are_valid():
+    torch.manual_seed(0)
+    a, p, n1, n2 = random_quadruplets(LABELS)
+    assert len(a) > 0
+    assert torch.all(LABELS[a] == LABELS[p]) and torch.all(a != p)
+    assert torch.all(LABELS[n1] != LABELS[a])
+    assert torch.all(LABELS[n2] != LABELS[a]) and torch.all(LABELS[n2] != LABELS[n1])
+
+
+# ------------------------------------------------------------------------------------------- samplers
+
+
+def test_class_balanced_batches_have_m_per_class_and_are_reproducible():
+    labels = np.repeat(np.arange(10), 7)
+    batches = list(class_balanced_batches(labels, batch_size=12, m_per_class=3, rng=epoch_rng(5, 1)))
+    assert len(batches) == len(labels) // 12
+    for b in batches:
+        assert len(b) == 12
+        values, counts = np.unique(labels[b], return_counts=True)
+        assert len(values) == 4 and np.all(counts == 3)
+        assert len(set(b.tolist())) == 12  # each class has >= m images: no repeats
+    again = list(class_balanced_batches(labels, 12, 3, epoch_rng(5, 1)))
+    assert all(np.array_equal(x, y) for x, y in zip(batches, again, strict=True))
+    other = list(class_balanced_batches(labels, 12, 3, epoch_rng(5, 2)))
+    assert not all(np.array_equal(x, y) for x, y in zip(batches, other, strict=True))
+    # the global numpy RNG neither drives nor is disturbed by the sampler
+    np.random.seed(0)
+    before = np.random.get_state()[1].copy()
+    list(class_balanced_batches(labels, 12, 3, 123))
+    assert np.array_equal(np.random.get_state()[1], before)
+
+
+def test_class_balanced_batches_shrink_to_the_available_classes():
+    labels = np.repeat(np.arange(3), 5)
+    batches = list(class_balanced_batches(labels, batch_size=64, m_per_class=4, rng=0))
+    assert batches and all(len(b) == 12 for b in batches)
+
+
+def test_shuffled_batches_cover_everything_once():
+    batches = list(shuffled_batches(23, 5, np.random.default_rng(0)))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(23))
+    gen = torch.Generator().manual_seed(0)
+    assert sorted(np.concatenate(list(shuffled_batches(7, 3, gen))).tolist()) == list(range(7))
+
+
+def test_objective_batches_depend_only_on_seed_and_epoch():
+    labels = np.repeat(np.arange(8), 6)
+    for obj in (ClassificationObjective(), ContrastiveObjective(m_per_class=2)):
+        first = [b.tolist() for b in obj.batches(labels, 8, epoch=3, seed=7)]
+        assert first == [b.tolist() for b in obj.batches(labels, 8, epoch=3, seed=7)]
+        assert first != [b.tolist() for b in obj.batches(labels, 8, epoch=4, seed=7)]
+
+
+# ------------------------------------------------------------------------------------ objective losses
+
+
+@pytest.mark.parametrize("name", VALID_LOSSES)
+def test_every_objective_gives_a_finite_differentiable_loss(name):
+    torch.manual_seed(0)
+    task = "classifier" if name == "cross_entropy" else "embedding"
+    model = build_model(task, num_classes=4, embedding_dim=8, in_channels=1, image_size=16, channels=(2, 4))
+    obj = build_objective(name, {}, num_classes=4, embedding_dim=8)
+    assert obj.task == task
+    labels = torch.arange(4).repeat_interleave(4)
+    loss = obj.loss(model, torch.randn(16, 1, 16, 16), labels)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_proxy_anchor_has_its_own_param_group():
+    obj = ProxyAnchorObjective(num_classes=5, embedding_dim=8, proxy_lr_multiplier=100)
+    (group,) = obj.extra_parameters()
+    assert group["lr_multiplier"] == 100
+    assert group["params"][0].shape == (5, 8)
+    assert "criterion.proxies" in obj.state_dict()
+
+
+def test_multi_objective_is_the_weighted_sum():
+    torch.manual_seed(0)
+    params = {"contrastive": {"margin": 2.0}, "proxy_anchor": {"alpha": 16}, "weights": {"proxy_anchor": 0.25}}
+    multi = build_objective("contrastive+proxy_anchor", params, num_classes=4, embedding_dim=6)
+    assert isinstance(multi, MultiObjective) and multi.weights == [1.0, 0.25]
+    assert len(multi.extra_parameters()) == 1
+    emb, labels = torch.randn(16, 6), torch.arange(4).repeat_interleave(4)
+    torch.manual_seed(1)
+    total = multi.loss_from_embeddings(emb, labels)
+    torch.manual_seed(1)
+    parts = multi.parts[0].loss_from_embeddings(emb, labels) + 0.25 * multi.parts[1].loss_from_embeddings(emb, labels)
+    torch.testing.assert_close(total, parts)
+
+
+def test_build_objective_rejects_unknown_names_and_params():
+    with pytest.raises(ValueError) as err:
+        build_objective("arcface", {}, 3, 8)
+    for name in VALID_LOSSES:
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="margn"):
+        build_objective("contrastive", {"margn": 1.0}, 3, 8)
+    with pytest.raises(ValueError, match="triplet"):
+        build_objective("contrastive+proxy_anchor", {"triplet": {}}, 3, 8)
+    trip = build_objective("triplet", {"margin": 0.3, "sampling": "semihard", "m_per_class": 2}, 3, 8)
+    assert (trip.margin, trip.sampling, trip.m_per_class) == (0.3, "semihard", 2)
