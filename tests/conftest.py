@@ -105,14 +105,26 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
     (project / "data").mkdir()
+    # An absolute tracking URI per test project: MLflow caches its SQL store per URI string, so the relative
+    # default (sqlite:///mlflow.db) would keep writing to the first test's database.
+    (project / "conf" / "local" / "mlflow.yml").write_text(
+        f"server:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
     shutil.copytree(PROJECT_ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     monkeypatch.chdir(project)
     bootstrap_project(project)
 
     def run(pipelines: list[str] | str | None = None, **runtime_params):
         names = [pipelines] if isinstance(pipelines, str) else pipelines
-        with KedroSession.create(project_path=project, runtime_params=runtime_params or None) as session:
-            return session.run(pipeline_names=names)
+        import mlflow
+
+        try:
+            with KedroSession.create(project_path=project, runtime_params=runtime_params or None) as session:
+                return session.run(pipeline_names=names)
+        finally:
+            # kedro-mlflow ends its run in after_pipeline_run, but under pytest the run stays on mlflow's
+            # active-run stack; close it so the next session in this process opens its own run.
+            while mlflow.active_run() is not None:
+                mlflow.end_run()
 
     run.path = project
     return run
