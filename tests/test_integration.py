@@ -9,7 +9,7 @@ import torch
 
 from partmatch.demo import generate_demo_catalogue
 
-MODELS = ("cnn", "siamese_contrastive", "siamese_triplet")
+MODELS = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained")
 TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
         "batch_size": 16}
 EXPECTED_KEYS = {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "r_precision",

@@ -112,6 +112,9 @@ class TrainingParams(_Params):
             raise ValueError("task 'classifier' goes with loss 'cross_entropy' and only with it")
         if self.m_per_class > self.batch_size or self.batch_size % self.m_per_class:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+        if self.pretrained and self.backbone == "study_cnn":
+            raise ValueError("backbone 'study_cnn' has no pretrained weights; set pretrained: false or pick "
+                             "efficientnet_lite0 / resnet18")
         if self.device not in {"auto", "cpu", "cuda", "mps"} and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self
@@ -129,7 +132,7 @@ class CompareParams(_Params):
                                                               "open_set_map_at_r", "pair_accuracy"])
 
 
-MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet")
+MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained")
 
 SECTIONS: dict[str, type[_Params]] = {
     "ingestion": IngestionParams,

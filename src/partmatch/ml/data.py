@@ -279,3 +279,33 @@ def class_balanced_batches(
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     """The generator for the batches of ``epoch`` of a run seeded with ``seed`` (independent of history)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
+
+
+class InMemoryFeatures:
+    """Precomputed float features (N, D) with labels, batched like :class:`InMemoryImages`.
+
+    Used when a frozen backbone's features are cached once and only the head trains; ``augment``, ``mean``
+    and ``std`` are accepted for interface compatibility and ignored (features are already normalised inputs).
+    """
+
+    def __init__(self, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor):
+        feats = _as_tensor(features, torch.float32)
+        if feats.ndim != 2:
+            raise ValueError(f"features must be (N, D), got shape {tuple(feats.shape)}")
+        labs = _as_tensor(labels, torch.int64).reshape(-1)
+        if len(labs) != len(feats):
+            raise ValueError(f"{len(feats)} feature rows but {len(labs)} labels")
+        self.features = feats.contiguous()
+        self.labels = labs.contiguous()
+        self.labels_np = self.labels.numpy()
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def batch(self, indices, device: torch.device | str = "cpu", augment=None, mean=None,
+              std=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of ``indices`` on ``device``."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        device = torch.device(device)
+        return (self.features.index_select(0, idx).to(device, non_blocking=True),
+                self.labels.index_select(0, idx).to(device, non_blocking=True))

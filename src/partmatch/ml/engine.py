@@ -192,12 +192,15 @@ def fit(
     val_score: Callable[[nn.Module], float] | None,
     config: TrainConfig,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    param_groups: list[dict] | None = None,
 ) -> TrainResult:
     """Train ``model`` with ``objective`` on ``train``; return the history and leave the best weights in it.
 
     ``val_score(model)`` (higher is better) is called after each epoch with the model in eval mode under
     ``torch.no_grad()``; without it the score is ``-train_loss``. ``on_epoch_end(epoch, record)`` receives the
-    epoch's history record (e.g. to log to MLflow).
+    epoch's history record (e.g. to log to MLflow). ``param_groups`` (optional) replaces the single group of all
+    trainable model parameters, e.g. a pretrained backbone at a lower rate: each group may carry
+    ``lr_multiplier`` (relative to ``config.lr``).
     """
     model_task = getattr(model, "task", None)
     if model_task is not None and getattr(objective, "task", model_task) != model_task:
@@ -212,8 +215,10 @@ def fit(
     if isinstance(objective, nn.Module):
         objective.to(device)
 
-    groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
-    for group in objective.extra_parameters():
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
+    groups: list[dict] = []
+    for group in [*param_groups, *objective.extra_parameters()]:
         group = dict(group)
         multiplier = float(group.pop("lr_multiplier", 1.0))
         group.setdefault("lr", config.lr * multiplier)
@@ -288,7 +293,7 @@ def fit(
                    disable=not config.progress, dynamic_ncols=True)
         for b, idx in enumerate(bar, start=1):
             images, labels = train.batch(idx, device, augment=augment, mean=config.mean, std=config.std)
-            if channels_last:
+            if channels_last and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = objective.loss(model, images, labels)

@@ -559,6 +559,17 @@ def _is_empty(x: Any) -> bool:
     return x is None or len(x) == 0
 
 
+def _pair_metrics_or_nan(emb, labels, n_pairs: int, seed: int, threshold: float, distance: str,
+                         prefix: str) -> dict[str, float]:
+    """Pair metrics on seeded balanced pairs of one set; NaN (with a warning) when no pair can be formed."""
+    try:
+        a, b, same = sample_pairs(labels, n_pairs, seed)
+    except ValueError as err:
+        logger.warning("%spair metrics skipped: %s", prefix or "closed-set ", err)
+        return {f"{prefix}{k}": float("nan") for k in PAIR_METRIC_KEYS}
+    return pair_metrics(pair_distances(emb, a, b, distance), same, threshold, prefix=prefix)
+
+
 def evaluate_embeddings(
     train_emb: np.ndarray,
     train_labels: np.ndarray,
@@ -578,17 +589,19 @@ def evaluate_embeddings(
     * pair verification on ``n_pairs`` balanced test pairs (seeded by ``seed``) at ``threshold``:
       ``pair_accuracy``, ``pair_precision``, ``pair_recall``, ``pair_f1``, ``roc_auc``;
     * open set (classes unseen in training), leave-one-out retrieval and pairs (same seed), the same keys
-      prefixed ``open_set_``. Skipped (keys absent) when ``open_emb`` is None or empty; if open-set pairs
-      cannot be formed (no class with two images, or a single class) those pair keys are NaN.
+      prefixed ``open_set_``. Skipped (keys absent) when ``open_emb`` is None or empty; if pairs cannot be
+      formed in a set (no class with two images, or a single class) its pair keys are NaN.
 
     ``distance`` ("euclidean" or "cosine") is used for retrieval and pair distances alike; ``threshold``
     must have been chosen with the same distance. Deterministic for a given ``seed``.
     """
     out = retrieval_metrics(test_emb, test_labels, train_emb, train_labels, distance=distance)
-    a, b, same = sample_pairs(test_labels, n_pairs, seed)
-    out |= pair_metrics(pair_distances(test_emb, a, b, distance), same, threshold)
+    out |= _pair_metrics_or_nan(test_emb, test_labels, n_pairs, seed, threshold, distance, prefix="")
     if _is_empty(open_emb) or _is_empty(open_labels):
         return out
+    out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX, distance=distance)
+    out |= _pair_metrics_or_nan(open_emb, open_labels, n_pairs, seed, threshold, distance, prefix=OPEN_SET_PREFIX)
+    return out
     out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX, distance=distance)
     try:
         a, b, same = sample_pairs(open_labels, n_pairs, seed)

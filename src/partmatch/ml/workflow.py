@@ -19,7 +19,7 @@ import torch
 
 from partmatch.config import TrainingParams
 from partmatch.ml import evaluation
-from partmatch.ml.data import InMemoryImages
+from partmatch.ml.data import InMemoryFeatures, InMemoryImages
 from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
 from partmatch.ml.models import build_model, model_from_spec, model_spec
 from partmatch.ml.objectives import build_objective
@@ -82,6 +82,44 @@ def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, ima
                        image_size=image_size, backbone=p.backbone, normalize=p.normalize, **kwargs)
 
 
+def uses_cached_features(p: TrainingParams) -> bool:
+    """Frozen pretrained backbone: features are computed once and only the head trains."""
+    return p.train_mode == "frozen" and p.backbone != "study_cnn"
+
+
+def prepare_backbone(model: torch.nn.Module, p: TrainingParams) -> list[dict]:
+    """Freeze the backbone as ``train_mode`` asks and return optimiser groups (backbone at a lower rate)."""
+    if p.backbone == "study_cnn":
+        return [{"params": [q for q in model.parameters() if q.requires_grad], "name": "model"}]
+    from partmatch.ml.backbones import set_trainable
+
+    set_trainable(model.backbone, p.train_mode, p.trainable_blocks)
+    backbone = [q for q in model.backbone.parameters() if q.requires_grad]
+    head = [q for n, q in model.named_parameters() if q.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": head, "name": "head"}]
+    if backbone:
+        groups.append({"params": backbone, "name": "backbone", "lr_multiplier": p.backbone_lr_multiplier})
+    logger.info("Backbone %s, mode %s: %d trainable backbone tensors at lr x %g, %d head tensors.", p.backbone,
+                p.train_mode, len(backbone), p.backbone_lr_multiplier, len(head))
+    return groups
+
+
+def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
+    """Pooled features of the frozen pretrained backbone for every image (empty when the mode is not frozen)."""
+    if not uses_cached_features(p):
+        return np.zeros((0, 0), dtype=np.float32)
+    channels, size = int(images.shape[1]), int(images.shape[2])
+    model = build_from_params(p, 2, channels, size)
+    mean, std = normalisation(p, channels)
+    device = str(resolve_device(p.device))
+    started = time.perf_counter()
+    feats = evaluation.embed_images(model.backbone.eval(), images, batch_size=p.eval_batch_size, device=device,
+                                    mean=mean, std=std)
+    logger.info("Cached %s features %s for %d images in %.1f s.", p.backbone, feats.shape[1:], len(feats),
+                time.perf_counter() - started)
+    return feats
+
+
 def train_config(p: TrainingParams, checkpoint_dir: str | None, mean: tuple, std: tuple) -> TrainConfig:
     """Engine configuration from the pipeline's parameters."""
     return TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
@@ -90,27 +128,34 @@ def train_config(p: TrainingParams, checkpoint_dir: str | None, mean: tuple, std
                        progress=p.progress, mean=mean, std=std)
 
 
-def _val_scorer(p: TrainingParams, images: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
-                train_y: np.ndarray, val_y: np.ndarray, mean: tuple, std: tuple, device: str):
+def _val_scorer(p: TrainingParams, embed, log_probs, train_rows: np.ndarray, val_rows: np.ndarray, y: np.ndarray):
+    """Validation score for early stopping: accuracy (classifier) or val-vs-train precision@1 (embeddings)."""
     if len(val_rows) == 0:
         return None
 
     def score(model: torch.nn.Module) -> float:
         if p.task == "classifier":
-            logp = evaluation.predict_log_probs(model, images[val_rows], batch_size=p.eval_batch_size,
-                                                device=device, mean=mean, std=std)
-            return evaluation.classification_accuracy(logp, val_y)
-        emb = evaluation.embed_images(model, images, batch_size=p.eval_batch_size, device=device, mean=mean,
-                                      std=std, rows=np.concatenate([train_rows, val_rows]))
-        m = evaluation.retrieval_metrics(emb[len(train_rows):], val_y, emb[: len(train_rows)], train_y,
+            return evaluation.classification_accuracy(log_probs(val_rows), y[val_rows])
+        emb = embed(np.concatenate([train_rows, val_rows]))
+        m = evaluation.retrieval_metrics(emb[len(train_rows):], y[val_rows], emb[: len(train_rows)], y[train_rows],
                                          k_values=(1,), distance=p.distance)
         return m["precision_at_1"]
 
     return score
 
 
+@torch.inference_mode()
+def _apply_to_features(model: torch.nn.Module, features: np.ndarray, rows: np.ndarray, device: str) -> np.ndarray:
+    """Run a head-only model (backbone swapped for the identity) over cached feature rows."""
+    was = model.training
+    model.eval()
+    out = model(torch.as_tensor(features[rows], device=device)).float().cpu().numpy()
+    model.train(was)
+    return out
+
+
 def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
-          preprocessing: dict[str, Any]) -> tuple[dict, list[dict], dict]:
+          preprocessing: dict[str, Any], features: np.ndarray | None = None) -> tuple[dict, list[dict], dict]:
     """Train one model on the train split with early stopping on the validation split; return (bundle, history, summary)."""
     classes = class_mapping(split_index)
     if len(classes) < 2:
@@ -121,15 +166,33 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
     mean, std = normalisation(p, channels)
     seed_everything(p.seed)
     model = build_from_params(p, len(classes), channels, size)
-    objective = build_objective(p.loss, objective_params(p), num_classes=len(classes), embedding_dim=p.embedding_dim)
+    embedding_dim = p.embedding_dim if p.task == "embedding" else len(classes)
+    objective = build_objective(p.loss, objective_params(p), num_classes=len(classes), embedding_dim=embedding_dim)
     device = str(resolve_device(p.device))
-    train_set = InMemoryImages(images[train_rows], y[train_rows], mean=mean, std=std)
-    scorer = _val_scorer(p, images, train_rows, val_rows, y[train_rows], y[val_rows], mean, std, device)
+    groups = prepare_backbone(model, p)
+    config = train_config(p, checkpoint_dir, mean, std)
     logger.info("Training %s (%s, loss %s%s) on %d images / %d categories, validating on %d, device %s.",
                 p.task, p.backbone, p.loss, f", sampling {p.sampling}" if p.loss == "triplet" else "",
                 len(train_rows), len(classes), len(val_rows), device)
     started = time.perf_counter()
-    result = fit(model, objective, train_set, scorer, train_config(p, checkpoint_dir, mean, std))
+    if uses_cached_features(p):
+        if features is None or len(features) != len(images):
+            raise ValueError("train_mode 'frozen' needs the cached backbone features of every image")
+        backbone, model.backbone = model.backbone, torch.nn.Identity()  # train the head on cached features
+        try:
+            apply = lambda rows: _apply_to_features(model, features, rows, device)  # noqa: E731
+            scorer = _val_scorer(p, apply, apply, train_rows, val_rows, y)
+            result = fit(model, objective, InMemoryFeatures(features[train_rows], y[train_rows]), scorer, config)
+        finally:
+            model.backbone = backbone
+    else:
+        train_set = InMemoryImages(images[train_rows], y[train_rows], mean=mean, std=std)
+        embed = lambda rows: evaluation.embed_images(model, images, batch_size=p.eval_batch_size,  # noqa: E731
+                                                     device=device, mean=mean, std=std, rows=rows)
+        log_probs = lambda rows: evaluation.predict_log_probs(model, images, batch_size=p.eval_batch_size,  # noqa: E731
+                                                              device=device, mean=mean, std=std, rows=rows)
+        scorer = _val_scorer(p, embed, log_probs, train_rows, val_rows, y)
+        result = fit(model, objective, train_set, scorer, config, param_groups=groups)
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     summary.update({"wall_seconds": time.perf_counter() - started, "train_images": int(len(train_rows)),
                     "classes": len(classes)})

@@ -15,11 +15,17 @@ from partmatch.ml import plots, workflow
 from partmatch.tracking import as_mlflow_metrics, history_as_mlflow_metrics
 
 
-def train_model(image_array: np.ndarray, split_index: pd.DataFrame, params: dict[str, Any],
-                preprocessing: dict[str, Any]) -> tuple[dict, pd.DataFrame, dict]:
+def cache_backbone_features(image_array: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """Frozen pretrained backbone: its pooled features for every image, computed once (else an empty array)."""
+    return workflow.backbone_features(image_array, config.parse("model", params, config.TrainingParams))
+
+
+def train_model(image_array: np.ndarray, backbone_features: np.ndarray, split_index: pd.DataFrame,
+                params: dict[str, Any], preprocessing: dict[str, Any]) -> tuple[dict, pd.DataFrame, dict]:
     """Train on the train split (early stopping on val); return the model bundle, per-epoch history and summary."""
     p = config.parse("model", params, config.TrainingParams)
-    bundle, history, summary = workflow.train(image_array, split_index, p, p.checkpoint_dir, preprocessing)
+    bundle, history, summary = workflow.train(image_array, split_index, p, p.checkpoint_dir, preprocessing,
+                                              features=backbone_features if backbone_features.size else None)
     return bundle, pd.DataFrame(history), summary
 
 

@@ -4,16 +4,19 @@ from kedro.pipeline import Node, Pipeline
 
 from partmatch.config import MODEL_PIPELINES
 
-from .nodes import calibrate_threshold, evaluate_model, train_model
+from .nodes import cache_backbone_features, calibrate_threshold, evaluate_model, train_model
 
 SHARED_INPUTS = {"image_array", "split_index"}
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """The template: train -> calibrate the pair threshold -> evaluate, on the shared preprocessed arrays."""
+    """The template: (cache frozen features) -> train -> calibrate the pair threshold -> evaluate."""
     return Pipeline(
         [
-            Node(train_model, ["image_array", "split_index", "params:model", "params:preprocessing"],
+            Node(cache_backbone_features, ["image_array", "params:model"], "backbone_features",
+                 name="cache_backbone_features"),
+            Node(train_model, ["image_array", "backbone_features", "split_index", "params:model",
+                               "params:preprocessing"],
                  ["trained_model", "training_history", "training_summary"], name="train_model"),
             Node(calibrate_threshold, ["trained_model", "image_array", "split_index", "params:model"],
                  ["model", "threshold_curve", "pair_distance_histogram", "threshold_curves"],

@@ -1,0 +1,82 @@
+"""Benchmark the study's models on real photos through the Kedro pipelines and print the comparison table.
+
+    python bench/compare_models.py [--source "../shared/datasets/carparts/car parts.csv"] [--epochs 10]
+
+Runs `kedro run` (ingestion + preprocessing once, then every model pipeline with fixed epochs, early stopping
+off) exactly as a user would, with `raw_source` pointing at the photos, then reads each run's versioned
+metrics.json. Triplet training is run once per sampling strategy (random = the study, semihard, hard).
+Prints a markdown table next to the study's numbers and writes it to bench/results/compare_models.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = ROOT.parent / "shared" / "datasets" / "carparts" / "car parts.csv"
+STUDY = {"cnn": "test acc 50.80 %", "siamese_contrastive": "pair acc 70.24 %", "siamese_triplet[random]": "pair acc 40.36 %"}
+VARIANTS = [("cnn", "cnn", {}), ("siamese_contrastive", "siamese_contrastive", {}),
+            ("siamese_triplet[random]", "siamese_triplet", {"sampling": "random"}),
+            ("siamese_triplet[semihard]", "siamese_triplet", {"sampling": "semihard"}),
+            ("siamese_triplet[hard]", "siamese_triplet", {"sampling": "hard"})]
+COLUMNS = ["test_accuracy", "pair_accuracy", "roc_auc", "precision_at_1", "map_at_r", "recall_at_4",
+           "open_set_precision_at_1", "open_set_map_at_r", "open_set_pair_accuracy", "epochs",
+           "train_images_per_second", "train_wall_seconds"]
+
+
+def kedro(args: list[str]) -> None:
+    """Run one `kedro run` in the project; stop the benchmark if it fails."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "MPLBACKEND": "Agg"}
+    cmd = [str(Path(sys.executable).parent / "kedro"), "run", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def latest_metrics(pipeline: str) -> dict:
+    """The newest versioned metrics.json of a model pipeline."""
+    versions = sorted((ROOT / "data" / "08_reporting" / pipeline / "metrics.json").glob("*/metrics.json"))
+    return json.loads(versions[-1].read_text())
+
+
+def main() -> None:
+    """Train every variant and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default=str(DEFAULT_SOURCE))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=100)
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    kedro(["--pipelines=ingestion,preprocessing",
+           f"--params=raw_source={args.source},preprocessing.image_size={args.image_size}"])
+    rows = {}
+    for name, pipeline, extra in VARIANTS:
+        if args.only and name not in args.only:
+            continue
+        overrides = {"epochs": args.epochs, "patience": "null", "progress": "false", **extra}
+        params = ",".join(f"{pipeline}.{k}={v}" for k, v in overrides.items())
+        t0 = time.perf_counter()
+        kedro([f"--pipeline={pipeline}", f"--params=raw_source={args.source},{params}"])
+        rows[name] = latest_metrics(pipeline)
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    lines = [f"# partmatch model comparison on {Path(args.source).name} ({args.epochs} epochs, {args.image_size} px)", "",
+             "| model | study | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for name, m in rows.items():
+        cells = [("-" if m.get(c) is None else f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c])) for c in COLUMNS]
+        lines.append(f"| {name} | {STUDY.get(name, '-')} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_models.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

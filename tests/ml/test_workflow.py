@@ -1,0 +1,107 @@
+"""Train / calibrate / evaluate from arrays: the study trunk and the pretrained backbone in every mode."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from partmatch.config import TrainingParams
+from partmatch.ml import workflow
+
+SPLITS = ["train"] * 6 + ["val", "test"]
+
+
+def toy(n_classes=4, size=32, channels=1, seed=0):
+    """Separable toy photos: each class a bright square at its own position, on noise; 8 photos a class."""
+    rng = np.random.default_rng(seed)
+    images, rows = [], []
+    for c in range(n_classes + 2):                                   # two extra classes form the open set
+        for i in range(8):
+            img = rng.integers(0, 60, size=(channels, size, size), dtype=np.uint8)
+            y0, x0 = (c * 5) % (size - 8), (c * 7) % (size - 8)
+            img[:, y0:y0 + 8, x0:x0 + 8] = 250
+            images.append(img)
+            split = "open" if c >= n_classes else SPLITS[i]
+            rows.append({"path": f"{c}/{i}.png", "label": f"class{c}", "split": split})
+    return np.stack(images), pd.DataFrame(rows)
+
+
+TINY = {"epochs": 2, "batch_size": 8, "m_per_class": 2, "progress": False, "threshold_pairs": 40,
+        "eval_pairs": 40, "patience": None, "embedding_dim": 16}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"task": "classifier", "loss": "cross_entropy"},
+    {"loss": "contrastive"},
+    {"loss": "triplet", "sampling": "random", "normalize": True, "margin": 0.2},
+    {"loss": "contrastive+proxy_anchor", "normalize": True},
+])
+def test_study_trunk_end_to_end(overrides):
+    images, index = toy()
+    p = TrainingParams(**TINY, **overrides)
+    bundle, history, summary = workflow.train(images, index, p, None, {"image_size": 32, "color_mode": "grayscale"})
+    assert len(history) == 2 and summary["epochs_run"] == 2
+    calibrated, curve, dist, same = workflow.calibrate_threshold(bundle, images, index, p)
+    assert calibrated["threshold"] is not None and len(dist) == len(same)
+    metrics = workflow.evaluate(calibrated, images, index, p)
+    assert 0 <= metrics["precision_at_1"] <= 1 and "open_set_map_at_r" in metrics
+    if p.task == "classifier":
+        assert "test_accuracy" in metrics
+    back = torch.load(_roundtrip(calibrated), weights_only=True)
+    assert back["classes"] == [f"class{c}" for c in range(4)]
+
+
+def _roundtrip(bundle):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(bundle, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_frozen_pretrained_caches_features_and_trains_only_the_head():
+    images, index = toy(size=64, channels=3)
+    p = TrainingParams(**{**TINY, "epochs": 3}, loss="proxy_anchor", normalize=True, backbone="efficientnet_lite0",
+                       pretrained=True, train_mode="frozen")
+    feats = workflow.backbone_features(images, p)
+    assert feats.shape == (len(images), 1280) and np.isfinite(feats).all()
+    bundle, history, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
+    reference = workflow.build_from_params(p, 4, 3, 64).state_dict()
+    for key, value in bundle["state_dict"].items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, reference[key]), f"{key} changed although the backbone is frozen"
+    assert not torch.equal(bundle["state_dict"]["head.weight"], reference["head.weight"])
+    # the full model (backbone + trained head) reproduces the head-on-cached-features embeddings
+    model = workflow.load_bundle(bundle)
+    with torch.no_grad():
+        x = (torch.as_tensor(images[:4]).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        full = model(x)
+        head = model.head(torch.as_tensor(feats[:4]))
+        head = torch.nn.functional.normalize(head, dim=1)
+    torch.testing.assert_close(full, head, atol=1e-4, rtol=1e-4)
+
+
+def test_partial_fine_tuning_updates_only_the_last_blocks():
+    images, index = toy(size=64, channels=1)
+    p = TrainingParams(**{**TINY, "epochs": 1}, loss="triplet", normalize=True, margin=0.2,
+                       backbone="efficientnet_lite0", pretrained=True, train_mode="partial", trainable_blocks=1,
+                       augment=True)
+    bundle, _, _ = workflow.train(images, index, p, None, {"image_size": 64})
+    reference = workflow.build_from_params(p, 4, 1, 64).state_dict()
+    changed = {k for k, v in bundle["state_dict"].items() if not torch.equal(v, reference[k])}
+    assert any(k.startswith("backbone.net.blocks.6.") for k in changed)
+    assert not any(k.startswith(("backbone.net.blocks.0.", "backbone.net.conv_stem", "backbone.net.bn1."))
+                   for k in changed), "early stages must stay frozen (weights and BatchNorm statistics)"
+
+
+def test_invalid_training_parameters():
+    from partmatch.config import ParameterError, parse
+
+    with pytest.raises(ParameterError, match="siamese_pretrained.*study_cnn"):
+        parse("siamese_pretrained", {"backbone": "study_cnn", "pretrained": True})
+    with pytest.raises(ParameterError, match=r"'cnn\.lr'"):
+        parse("cnn", {"task": "classifier", "loss": "cross_entropy", "lr": -1})
+    with pytest.raises(ParameterError, match=r"'siamese_triplet\.sampling'"):
+        parse("siamese_triplet", {"loss": "triplet", "sampling": "hardest"})
