@@ -23,13 +23,9 @@ COSINE_DISTANCE_LABEL = "Distance between L2-normalised embeddings, sqrt(2 - 2 c
 
 
 def _pairs(distances, same) -> tuple[np.ndarray, np.ndarray]:
-    d = np.asarray(distances, dtype=np.float64).reshape(-1)
-    s = np.asarray(same).reshape(-1).astype(bool)
-    if len(d) == 0:
-        raise ValueError("distances is empty")
-    if len(d) != len(s):
-        raise ValueError(f"distances has {len(d)} entries but same has {len(s)}")
-    return d, s
+    from partmatch.ml.evaluation import _check_pairs  # one validation for metrics and figures
+
+    return _check_pairs(distances, same)
 
 
 def pair_distance_histogram(
