@@ -1,0 +1,44 @@
+"""Compare node: the study's table extended with retrieval metrics, from whatever models have metrics."""
+
+import logging
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from partmatch.config import ParameterError
+from partmatch.pipelines.compare.nodes import compare_models
+
+PARAMS = {"models": ["cnn", "siamese_contrastive", "siamese_triplet"],
+          "chart_metrics": ["precision_at_1", "open_set_precision_at_1", "test_accuracy"]}
+
+
+def metrics(p1: float, **extra) -> dict:
+    return {"precision_at_1": p1, "open_set_precision_at_1": p1 - 0.1, "map_at_r": 0.2, "epochs": 10,
+            "device": "cpu", **extra}
+
+
+def test_table_has_every_trained_model_and_the_study_numbers(caplog):
+    with caplog.at_level(logging.WARNING):
+        table, markdown, figure, mlflow = compare_models(
+            PARAMS, cnn=metrics(0.5, test_accuracy=0.51), siamese_contrastive=None, siamese_triplet=metrics(0.6))
+    assert list(table["model"]) == ["cnn", "siamese_triplet"]
+    assert table.set_index("model").loc["siamese_triplet", "precision_at_1"] == 0.6
+    assert pd.isna(table.set_index("model").loc["siamese_triplet", "test_accuracy"])
+    assert "siamese_contrastive" in caplog.text and "kedro run --pipeline=siamese_contrastive" in caplog.text
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert "test_accuracy 50.80 %" in rows["cnn"] and "pair_accuracy 40.36 %" in rows["siamese_triplet"]
+    assert "0.5100" in rows["cnn"]
+    assert mlflow["siamese_triplet.precision_at_1"] == {"value": 0.6, "step": 0}
+    assert "siamese_triplet.test_accuracy" not in mlflow  # NaN is not a metric
+    assert isinstance(figure, Figure)
+
+
+def test_no_trained_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="run `kedro run` first"):
+        compare_models(PARAMS, cnn=None)
+
+
+def test_unknown_parameter_fails():
+    with pytest.raises(ParameterError, match=r"compare\."):
+        compare_models({**PARAMS, "colour": "red"}, cnn=metrics(0.5))

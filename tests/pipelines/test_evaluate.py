@@ -1,0 +1,42 @@
+"""Evaluate nodes: the model's own preprocessing wins, and a new source is scored leave-one-out."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from partmatch.pipelines.evaluate.nodes import evaluate_source, model_preprocessing
+from partmatch.pipelines.training.nodes import calibrate_threshold, train_model
+from tests.pipelines.test_training import params, tiny_set
+
+
+@pytest.fixture(scope="module")
+def model():
+    images, index = tiny_set()
+    p = params(epochs=1)
+    bundle = train_model(images, np.zeros((0, 0), np.float32), index, p, {"image_size": 16, "color_mode": "grayscale"})[0]
+    return calibrate_threshold(bundle, images, index, p)[0]
+
+
+def test_model_preprocessing_overrides_the_current_settings(model):
+    merged = model_preprocessing(model, {"image_size": 100, "color_mode": "rgb"})
+    assert merged["image_size"] == 16 and merged["color_mode"] == "grayscale"
+    assert "background" in merged  # the rest of the validated preprocessing section is kept
+
+
+def test_evaluate_source_scores_every_category_as_unseen(model):
+    images, index = tiny_set()
+    single = pd.DataFrame([{"label": "Lonely Part"}])
+    idx = pd.concat([index[["label"]], single], ignore_index=True)
+    imgs = np.concatenate([images, images[:1]])
+    metrics, mlflow = evaluate_source(model, imgs, idx, {"model": "siamese_triplet", "seed": 0})
+    assert metrics["open_set_categories"] == 8 and metrics["open_set_images"] == len(index)  # 1-photo category out
+    assert 0.0 <= metrics["open_set_precision_at_1"] <= 1.0 and "open_set_pair_accuracy" in metrics
+    assert metrics["model"] == "siamese_triplet" and "model" not in mlflow
+    assert mlflow["open_set_map_at_r"]["value"] == pytest.approx(metrics["open_set_map_at_r"])
+
+
+def test_source_without_two_usable_categories_is_a_clear_error(model):
+    images, _ = tiny_set(per_class=3)
+    idx = pd.DataFrame({"label": ["A"] * 3 + ["B"] + ["C"]})
+    with pytest.raises(ValueError, match="at least 2 categories with 2\\+ photos"):
+        evaluate_source(model, images[:5], idx, {"model": "cnn", "seed": 0})
