@@ -56,10 +56,23 @@ def test_batch_scales_and_normalises_once():
 def test_augmentation_is_per_sample_and_keeps_range():
     torch.manual_seed(0)
     x = torch.rand(1, 1, SIZE, SIZE).repeat(8, 1, 1, 1)
-    out = make_augmentation(True)(x)
+    out = make_augmentation(True, SIZE)(x)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out[0], out[1])  # each image gets its own crop / flip / rotation / jitter
-    assert make_augmentation(False) is None
+    assert make_augmentation(False, SIZE) is None
+
+
+def test_augmentation_is_seeded_and_keeps_white_padding_white():
+    white = torch.ones(4, 3, SIZE, SIZE)
+    torch.manual_seed(1)
+    geometric = make_augmentation(True, SIZE, brightness=0.0, contrast=0.0)
+    assert torch.allclose(geometric(white), white, atol=1e-5)  # crops / rotations fill with white, not black
+    augment = make_augmentation(True, SIZE)
+    x = torch.rand(4, 1, SIZE, SIZE)
+    torch.manual_seed(2)
+    a = augment(x)
+    torch.manual_seed(2)
+    assert torch.equal(a, augment(x))
 
 
 def test_resolve_device():

@@ -1,4 +1,4 @@
-"""In-memory image batches, GPU-friendly batch augmentation and seeded batch samplers.
+"""In-memory image batches, per-image torchvision augmentation and seeded batch samplers.
 
 Images stay uint8 (N, C, H, W) in memory; a batch is indexed, moved to the target device and converted to
 float there exactly once (``/255`` then ``(x - mean) / std``). Samplers yield numpy index arrays and are fully
@@ -8,7 +8,6 @@ determined by the generator / seed they are given.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -147,67 +146,41 @@ class InMemoryImages:
             yield np.arange(start, min(start + batch_size, len(self)))
 
 
-class BatchAugmentation(torch.nn.Module):
-    """Per-sample random augmentation of a float batch in [0, 1], vectorised (one ``grid_sample`` per batch).
+class PerSampleAugmentation(torch.nn.Module):
+    """A torchvision.transforms.v2 pipeline applied to every image of a float batch in [0, 1] separately.
 
-    Same ranges as the torchvision.transforms.v2 pipeline ``RandomResizedCrop(size, scale=(0.8, 1),
-    ratio=(3/4, 4/3)) -> RandomHorizontalFlip() -> RandomRotation(10, fill=1) -> ColorJitter(0.2, 0.2)``, but
-    with independent parameters for every image (v2 on a batch tensor draws ONE set of parameters for the
-    whole batch, so every image — and both sides of every pair — would get the same crop/flip/rotation).
-    Random numbers come from torch's global CPU generator, so runs are reproducible on every device.
+    v2 transforms given a whole batch tensor draw ONE set of random parameters for it, so every image — and both
+    sides of every pair — would get the same crop / flip / rotation; here each image gets its own draw. v2 draws
+    its parameters from torch's global CPU generator, which the engine seeds and checkpoints, so augmented
+    training stays reproducible and resumable on every device. Measured cost (``bench/``-style timing, 1 thread):
+    ~50 ms per 64 grey 100 px images, ~180 ms per 64 RGB 224 px images.
     """
 
-    def __init__(
-        self,
-        scale: tuple[float, float] = (0.8, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        degrees: float = 10.0,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        fill: float = 1.0,
-    ):
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.scale, self.ratio, self.flip_p, self.degrees = scale, ratio, flip_p, degrees
-        self.brightness, self.contrast, self.fill = brightness, contrast, fill
+        self.transform = transform
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        r = torch.rand(b, 8).to(device=x.device, dtype=torch.float32)
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * r[:, 0]
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(log_lo + (log_hi - log_lo) * r[:, 1])
-        w = torch.sqrt(area * aspect).clamp(max=1.0)  # crop half-sizes in normalised coords (full = 1)
-        h = torch.sqrt(area / aspect).clamp(max=1.0)
-        cx = (1.0 - w) * (2 * r[:, 2] - 1)
-        cy = (1.0 - h) * (2 * r[:, 3] - 1)
-        flip = torch.where(r[:, 4] < self.flip_p, -1.0, 1.0)
-        angle = torch.deg2rad(self.degrees * (2 * r[:, 5] - 1))
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack(
-            [
-                torch.stack([cos * w * flip, -sin * h, cx], dim=1),
-                torch.stack([sin * w * flip, cos * h, cy], dim=1),
-            ],
-            dim=1,
-        )
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x - self.fill, grid.to(x.dtype), mode="bilinear", padding_mode="zeros",
-                          align_corners=False) + self.fill
-        view = (b, 1, 1, 1)
-        bright = 1.0 + self.brightness * (2 * r[:, 6] - 1)
-        x = (x * bright.view(view).to(x.dtype)).clamp_(0.0, 1.0)
-        contr = (1.0 + self.contrast * (2 * r[:, 7] - 1)).view(view).to(x.dtype)
-        gray = x.mean(dim=1, keepdim=True) if x.shape[1] == 1 else (
-            0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        mean = gray.mean(dim=(2, 3), keepdim=True)
-        return (contr * x + (1.0 - contr) * mean).clamp_(0.0, 1.0)
+        return torch.stack([self.transform(image) for image in x])
 
 
-def make_augmentation(enabled: bool, **kwargs: float) -> BatchAugmentation | None:
+def training_transform(image_size: int, scale: tuple[float, float] = (0.8, 1.0), degrees: float = 10.0,
+                       brightness: float = 0.2, contrast: float = 0.2) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Random resized crop, horizontal flip, small rotation (white fill) and brightness/contrast jitter (v2)."""
+    from torchvision.transforms import v2  # noqa: PLC0415
+
+    return v2.Compose([
+        v2.RandomResizedCrop(int(image_size), scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(degrees, fill=1.0),   # the padding of our photos is white
+        v2.ColorJitter(brightness=brightness, contrast=contrast),
+    ])
+
+
+def make_augmentation(enabled: bool, image_size: int, **kwargs: float) -> PerSampleAugmentation | None:
     """The training augmentation (random resized crop 0.8-1, h-flip, ±10° rotation, brightness/contrast 0.2)
-    or ``None`` when disabled."""
-    return BatchAugmentation(**kwargs) if enabled else None
+    for ``image_size`` px images, or ``None`` when disabled."""
+    return PerSampleAugmentation(training_transform(image_size, **kwargs)) if enabled else None
 
 
 # ----------------------------------------------------------------------------------------------- samplers
