@@ -68,6 +68,10 @@ class EdaParams(_Params):
     seed: int = 0
 
 
+# Feature sizes of the registered pretrained backbones (partmatch.ml.backbones), for checks before any work.
+_BACKBONE_FEATURES = {"efficientnet_lite0": 1280, "resnet18": 512}
+
+
 class TrainingParams(_Params):
     """Hyper-parameters of one model pipeline (``conf/base/parameters_<pipeline>.yml`` under its name)."""
 
@@ -81,6 +85,7 @@ class TrainingParams(_Params):
     proxy_lr_multiplier: float = Field(100.0, gt=0)
     embedding_dim: int = Field(64, ge=2, le=4096)
     normalize: bool = False
+    head_init: Literal["default", "identity"] = "default"
     backbone: str = "study_cnn"
     pretrained: bool = False
     weights_path: str | None = None
@@ -115,6 +120,13 @@ class TrainingParams(_Params):
         if self.pretrained and self.backbone == "study_cnn":
             raise ValueError("backbone 'study_cnn' has no pretrained weights; set pretrained: false or pick "
                              "efficientnet_lite0 / resnet18")
+        if self.head_init == "identity":
+            if self.task != "embedding":
+                raise ValueError("head_init 'identity' is for embedding models (task: embedding)")
+            known = _BACKBONE_FEATURES.get(self.backbone)
+            if known is not None and self.embedding_dim != known:
+                raise ValueError(f"head_init 'identity' needs embedding_dim == {known} (the {self.backbone} "
+                                 f"feature size), got {self.embedding_dim}")
         if self.device not in {"auto", "cpu", "cuda", "mps"} and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self

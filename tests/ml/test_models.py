@@ -109,3 +109,14 @@ def test_other_backbones_come_from_the_registry_lazily(monkeypatch):
     again = model_from_spec(model_spec(model), model.state_dict())
     assert calls[-1][3:5] == (False, None)
     assert model_spec(again)["backbone_kwargs"]["pretrained"] is True
+
+
+def test_identity_head_init():
+    trunk = nn.Flatten()
+    net = EmbeddingNet(trunk, feature_dim=12, embedding_dim=12, head_init="identity")
+    x = torch.randn(5, 3, 2, 2)
+    torch.testing.assert_close(net(x), x.flatten(1))
+    with pytest.raises(ValueError, match="needs embedding_dim == the backbone's feature size \\(12\\)"):
+        EmbeddingNet(trunk, feature_dim=12, embedding_dim=8, head_init="identity")
+    with pytest.raises(ValueError, match="Unknown head_init"):
+        EmbeddingNet(trunk, feature_dim=12, embedding_dim=12, head_init="zeros")

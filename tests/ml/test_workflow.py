@@ -105,3 +105,24 @@ def test_invalid_training_parameters():
         parse("cnn", {"task": "classifier", "loss": "cross_entropy", "lr": -1})
     with pytest.raises(ParameterError, match=r"'siamese_triplet\.sampling'"):
         parse("siamese_triplet", {"loss": "triplet", "sampling": "hardest"})
+    with pytest.raises(ParameterError, match=r"head_init 'identity' needs embedding_dim == 1280"):
+        parse("siamese_pretrained", {"backbone": "efficientnet_lite0", "head_init": "identity", "embedding_dim": 128})
+
+
+def test_identity_head_starts_at_the_backbone_features_and_training_moves_it():
+    """The recommended set-up: an untrained identity head embeds exactly like the normalised ImageNet features."""
+    images, index = toy(size=64, channels=3)
+    p = TrainingParams(**{**TINY, "epochs": 2, "embedding_dim": 1280}, loss="triplet", sampling="semihard", margin=0.1,
+                       normalize=True, backbone="efficientnet_lite0", pretrained=True, train_mode="frozen",
+                       head_init="identity", lr=1e-3)
+    feats = workflow.backbone_features(images, p)
+    untrained = workflow.build_from_params(p, 4, 3, 64)
+    untrained.backbone = torch.nn.Identity()
+    with torch.no_grad():
+        start = untrained(torch.as_tensor(feats)).numpy()
+    np.testing.assert_allclose(start, feats / np.linalg.norm(feats, axis=1, keepdims=True), atol=1e-5)
+    bundle, _, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
+    assert bundle["spec"]["head_init"] == "identity"
+    assert not torch.equal(bundle["state_dict"]["head.weight"], torch.eye(1280))
+    model = workflow.load_bundle(torch.load(_roundtrip(bundle), weights_only=True))
+    assert torch.equal(model.state_dict()["head.weight"], bundle["state_dict"]["head.weight"])

@@ -58,17 +58,32 @@ class EmbeddingNet(nn.Module):
 
     ``normalize=False`` (default) keeps raw Euclidean embeddings, as in the study, so that contrastive and
     triplet margins keep their meaning; ``normalize=True`` puts embeddings on the unit sphere.
+
+    ``head_init="identity"`` (needs ``embedding_dim == feature_dim``) starts the head as the identity, so an
+    untrained model embeds exactly like its (pretrained) backbone's features and training only moves it away
+    from them as far as the loss asks — the way to improve ImageNet features without forgetting what makes
+    them work on categories never trained on.
     """
 
     task = "embedding"
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, normalize: bool = False):
+    def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, normalize: bool = False,
+                 head_init: str = "default"):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = int(feature_dim)
         self.embedding_dim = int(embedding_dim)
         self.normalize = bool(normalize)
         self.head = nn.Linear(self.feature_dim, self.embedding_dim)
+        if head_init == "identity":
+            if self.embedding_dim != self.feature_dim:
+                raise ValueError(f"head_init 'identity' needs embedding_dim == the backbone's feature size "
+                                 f"({self.feature_dim}), got embedding_dim={self.embedding_dim}")
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(self.feature_dim))
+                self.head.bias.zero_()
+        elif head_init != "default":
+            raise ValueError(f"Unknown head_init {head_init!r}; valid: ['default', 'identity']")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.head(self.backbone(x))
@@ -148,6 +163,7 @@ def build_model(
     image_size: int,
     backbone: str = "study_cnn",
     normalize: bool = False,
+    head_init: str = "default",
     **backbone_kwargs: Any,
 ) -> nn.Module:
     """Build a ``Classifier`` (task="classifier") or an ``EmbeddingNet`` (task="embedding").
@@ -165,7 +181,7 @@ def build_model(
     else:
         if int(embedding_dim) < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        model = EmbeddingNet(trunk, feature_dim, int(embedding_dim), normalize=normalize)
+        model = EmbeddingNet(trunk, feature_dim, int(embedding_dim), normalize=normalize, head_init=head_init)
     model._partmatch_spec = _plain(  # type: ignore[assignment]
         {
             "version": SPEC_VERSION,
@@ -176,6 +192,7 @@ def build_model(
             "image_size": int(image_size),
             "backbone": str(backbone),
             "normalize": bool(normalize),
+            "head_init": str(head_init),
             "backbone_kwargs": dict(backbone_kwargs),
         },
         "spec",

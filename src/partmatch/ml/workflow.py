@@ -79,7 +79,8 @@ def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, ima
     if p.backbone != "study_cnn":
         kwargs = {"pretrained": p.pretrained, "weights_path": p.weights_path}
     return build_model(p.task, num_classes=num_classes, embedding_dim=p.embedding_dim, in_channels=in_channels,
-                       image_size=image_size, backbone=p.backbone, normalize=p.normalize, **kwargs)
+                       image_size=image_size, backbone=p.backbone, normalize=p.normalize,
+                       head_init=p.head_init if p.task == "embedding" else "default", **kwargs)
 
 
 def uses_cached_features(p: TrainingParams) -> bool:
