@@ -322,3 +322,12 @@ def test_resnet18_loads_local_weights_file(tmp_path):
         B.build_backbone("resnet18", pretrained=True, weights_path=str(tmp_path / "missing.pth"))
     with pytest.warns(UserWarning, match="ignored"):
         B.build_backbone("resnet18", pretrained=False, weights_path=str(path))
+
+
+def test_config_feature_sizes_match_the_registry():
+    """partmatch.config checks head_init: identity before any work with its own table of feature sizes."""
+    from partmatch.config import _BACKBONE_FEATURES
+    from partmatch.ml.backbones import build_backbone
+
+    for name, size in _BACKBONE_FEATURES.items():
+        assert build_backbone(name, in_channels=3, pretrained=False)[1] == size, name

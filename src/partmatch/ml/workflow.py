@@ -80,7 +80,7 @@ def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, ima
         kwargs = {"pretrained": p.pretrained, "weights_path": p.weights_path}
     return build_model(p.task, num_classes=num_classes, embedding_dim=p.embedding_dim, in_channels=in_channels,
                        image_size=image_size, backbone=p.backbone, normalize=p.normalize,
-                       head_init=p.head_init if p.task == "embedding" else "default", **kwargs)
+                       head_init=p.head_init, **kwargs)
 
 
 def uses_cached_features(p: TrainingParams) -> bool:
