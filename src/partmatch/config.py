@@ -86,6 +86,8 @@ class TrainingParams(_Params):
     embedding_dim: int = Field(64, ge=2, le=4096)
     normalize: bool = False
     head_init: Literal["default", "identity"] = "default"
+    flip_tta: bool = False
+    preserve_weight: float = Field(0.0, ge=0)
     backbone: str = "study_cnn"
     pretrained: bool = False
     weights_path: str | None = None
@@ -127,6 +129,11 @@ class TrainingParams(_Params):
             if known is not None and self.embedding_dim != known:
                 raise ValueError(f"head_init 'identity' needs embedding_dim == {known} (the {self.backbone} "
                                  f"feature size), got {self.embedding_dim}")
+        if self.flip_tta and self.task != "embedding":
+            raise ValueError("flip_tta (test-time flip averaging) is for embedding models (task: embedding)")
+        if self.preserve_weight > 0 and self.task != "embedding":
+            raise ValueError("preserve_weight > 0 (keep the initial features' pairwise similarities) is for embedding "
+                             "models (task: embedding); set preserve_weight: 0 for the classifier")
         if self.device not in {"auto", "cpu", "cuda", "mps"} and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self

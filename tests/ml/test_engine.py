@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from partmatch.ml.data import InMemoryImages, make_augmentation
+from partmatch.ml.data import InMemoryFeatures, InMemoryImages, make_augmentation
 from partmatch.ml.engine import NonFiniteLossError, TrainConfig, fit, load_checkpoint, resolve_device, seed_everything
 from partmatch.ml.models import build_model, model_from_spec
 from partmatch.ml.objectives import BaseObjective, ClassificationObjective, build_objective
@@ -204,3 +204,18 @@ def test_max_batches_and_task_mismatch():
     assert not math.isnan(result.best_score)
     with pytest.raises(ValueError, match="task"):
         fit(model, ClassificationObjective(), toy_images(), None, config(epochs=1))
+
+
+def test_cached_feature_views_are_drawn_per_sample_only_when_augmenting():
+    feats = np.stack([np.zeros((10, 3)), np.ones((10, 3))], axis=1).astype(np.float32)   # view 0 = 0, view 1 = 1
+    data = InMemoryFeatures(feats, np.arange(10))
+    x, y = data.batch(np.arange(10))
+    assert x.shape == (10, 3) and (x == 0).all() and y.tolist() == list(range(10))
+    torch.manual_seed(0)
+    a, _ = data.batch(np.arange(10), augment=True)
+    torch.manual_seed(0)
+    b, _ = data.batch(np.arange(10), augment=True)
+    assert torch.equal(a, b) and 0 < a[:, 0].sum() < 10           # seeded, and both views occur
+    assert InMemoryFeatures(np.ones((4, 3)), np.arange(4)).batch([0, 1], augment=True)[0].shape == (2, 3)
+    with pytest.raises(ValueError, match=r"\(N, D\) or \(N, views, D\)"):
+        InMemoryFeatures(np.ones((4, 3, 2, 2)), np.arange(4))

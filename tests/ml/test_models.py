@@ -120,3 +120,24 @@ def test_identity_head_init():
         EmbeddingNet(trunk, feature_dim=12, embedding_dim=8, head_init="identity")
     with pytest.raises(ValueError, match="Unknown head_init"):
         EmbeddingNet(trunk, feature_dim=12, embedding_dim=12, head_init="zeros")
+
+
+def test_flip_tta_embeds_an_image_and_its_mirror_identically():
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 20, 20)
+    for normalize in (True, False):
+        model = build_model("embedding", 2, 8, 1, 20, normalize=normalize, flip_tta=True).eval()
+        plain = build_model("embedding", 2, 8, 1, 20, normalize=normalize).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            z, z_mirror = model.embed(x), model.embed(torch.flip(x, dims=[-1]))
+            expected = (plain(x) + plain(torch.flip(x, dims=[-1]))) / 2
+            if normalize:
+                expected = torch.nn.functional.normalize(expected, dim=1)
+            torch.testing.assert_close(z, z_mirror)               # mirror-invariant by construction
+            torch.testing.assert_close(z, expected)
+            torch.testing.assert_close(model(x), plain(x))         # training forward is untouched
+            assert not torch.allclose(plain.embed(x), plain.embed(torch.flip(x, dims=[-1])))
+    assert model_from_spec(model_spec(model), model.state_dict()).flip_tta is True
+    with pytest.raises(ValueError, match="flip_tta is for embedding models"):
+        build_model("classifier", 2, 8, 1, 20, flip_tta=True)

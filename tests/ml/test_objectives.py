@@ -10,11 +10,13 @@ from partmatch.ml.objectives import (
     ContrastiveObjective,
     MultiObjective,
     ProxyAnchorObjective,
+    SimilarityPreservingObjective,
     TripletObjective,
     balanced_pairs,
     build_objective,
     random_quadruplets,
     random_triplets,
+    similarity_drift,
 )
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 4])
@@ -215,3 +217,64 @@ def test_build_objective_rejects_unknown_names_and_params():
         build_objective("contrastive+proxy_anchor", {"triplet": {}}, 3, 8)
     trip = build_objective("triplet", {"margin": 0.3, "sampling": "semihard", "m_per_class": 2}, 3, 8)
     assert (trip.margin, trip.sampling, trip.m_per_class) == (0.3, "semihard", 2)
+
+
+def test_similarity_drift_against_its_formula_by_hand():
+    # cosine similarities: embeddings (1,0),(0,1) -> off-diagonal 0; reference (1,0),(1,1)/sqrt2 -> 1/sqrt2
+    z = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    r = torch.tensor([[5.0, 0.0], [1.0, 1.0]])
+    # the 2x2 difference matrix is [[0, -1/sqrt2], [-1/sqrt2, 0]]: mean of squares = 2 * (1/2) / 4 = 0.25
+    torch.testing.assert_close(similarity_drift(z, r), torch.tensor(0.25))
+    assert similarity_drift(3 * r, r).item() == pytest.approx(0.0, abs=1e-7)   # scale does not matter
+
+
+def test_similarity_preserving_objective_adds_the_weighted_drift():
+    torch.manual_seed(0)
+    inner = TripletObjective(margin=0.2, sampling="random", m_per_class=2)
+    head = torch.nn.Linear(6, 6)
+    x, y = torch.randn(8, 6), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    wrapped = SimilarityPreservingObjective(inner, weight=4.0)
+    labels = np.repeat(np.arange(4), 4)
+    assert wrapped.m_per_class == 2
+    assert [b.tolist() for b in wrapped.batches(labels, 8, 0, 1)] == [b.tolist() for b in inner.batches(labels, 8, 0, 1)]
+    torch.manual_seed(1)
+    total = wrapped.loss(head, x, y)
+    torch.manual_seed(1)
+    expected = inner.loss(head, x, y) + 4.0 * similarity_drift(head(x), x)
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+    with pytest.raises(ValueError, match=">= 0"):
+        SimilarityPreservingObjective(inner, weight=-1.0)
+    with pytest.raises(ValueError, match="embedding objective"):
+        SimilarityPreservingObjective(ClassificationObjective(), weight=1.0)
+
+
+def test_similarity_preservation_against_a_frozen_reference_network():
+    """reference=module: the penalty compares with a frozen copy of the initial trunk, which neither learns nor
+    leaves eval mode (BatchNorm statistics included) while the model trains."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU())
+    model = torch.nn.Sequential(trunk, torch.nn.Linear(5, 3))
+    import copy
+
+    reference = copy.deepcopy(trunk)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    objective = SimilarityPreservingObjective(TripletObjective(margin=0.2, sampling="random", m_per_class=2), 2.0,
+                                              reference).train()
+    x, y = torch.randn(8, 6), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    loss = objective.loss(model, x, y)
+    loss.backward()
+    opt.step()
+    assert not reference.training and all(not q.requires_grad for q in reference.parameters())
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, before[k]), f"reference {k} changed"
+    with torch.no_grad():
+        ref = reference(x)
+    torch.manual_seed(1)
+    again = objective.loss(model, x, y)
+    torch.manual_seed(1)
+    expected = objective.inner.loss(model, x, y) + 2.0 * similarity_drift(model(x), ref)
+    torch.testing.assert_close(again, expected)

@@ -35,6 +35,7 @@ TINY = {"epochs": 2, "batch_size": 8, "m_per_class": 2, "progress": False, "thre
     {"loss": "contrastive"},
     {"loss": "triplet", "sampling": "random", "normalize": True, "margin": 0.2},
     {"loss": "contrastive+proxy_anchor", "normalize": True},
+    {"loss": "triplet", "sampling": "semihard", "normalize": True, "margin": 0.2, "preserve_weight": 10.0},
 ])
 def test_study_trunk_end_to_end(overrides):
     images, index = toy()
@@ -126,3 +127,45 @@ def test_identity_head_starts_at_the_backbone_features_and_training_moves_it():
     assert not torch.equal(bundle["state_dict"]["head.weight"], torch.eye(1280))
     model = workflow.load_bundle(torch.load(_roundtrip(bundle), weights_only=True))
     assert torch.equal(model.state_dict()["head.weight"], bundle["state_dict"]["head.weight"])
+
+
+def test_flip_averaging_head_with_similarity_preservation_end_to_end():
+    """Frozen backbone, mirror views cached, head trained with flip augmentation and the similarity-preserving
+    penalty; the full model's flip-averaged embedding equals the head applied to both cached views."""
+    images, index = toy(size=64, channels=1)
+    p = TrainingParams(**{**TINY, "epochs": 2, "embedding_dim": 1280}, loss="triplet", sampling="semihard", margin=0.1,
+                       normalize=True, backbone="efficientnet_lite0", pretrained=True, train_mode="frozen",
+                       head_init="identity", lr=1e-3, augment=True, flip_tta=True, preserve_weight=10.0)
+    feats = workflow.backbone_features(images, p)
+    assert feats.shape == (len(images), 2, 1280)
+    mirrored = workflow.backbone_features(images[..., ::-1].copy(), p)
+    np.testing.assert_allclose(feats[:, 1], mirrored[:, 0], atol=1e-4)   # view 1 = the mirror image's features
+    bundle, history, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
+    assert bundle["spec"]["flip_tta"] is True and np.isfinite(history[-1]["train_loss"])
+    model = workflow.load_bundle(torch.load(_roundtrip(bundle), weights_only=True))
+    from partmatch.ml import evaluation
+
+    emb = evaluation.embed_images(model, images[:6], mean=(0.449,), std=(0.226,))
+    np.testing.assert_allclose(emb, workflow.embed_cached_features(bundle, feats, np.arange(6)), atol=1e-4)
+    metrics = workflow.evaluate({**bundle, "threshold": 0.5}, images, index, p)
+    assert 0 <= metrics["open_set_precision_at_1"] <= 1
+
+
+def test_cached_features_must_match_the_views_the_parameters_need():
+    images, index = toy(size=64, channels=1)
+    p = TrainingParams(**{**TINY, "embedding_dim": 1280}, loss="triplet", normalize=True, backbone="efficientnet_lite0",
+                       pretrained=True, train_mode="frozen", head_init="identity", flip_tta=True)
+    single = np.zeros((len(images), 1280), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"flip_tta.*mirror.*backbone_features"):
+        workflow.train(images, index, p, None, {"image_size": 64}, features=single)
+
+
+def test_flip_and_preservation_parameters_are_checked_before_work():
+    from partmatch.config import ParameterError, parse
+
+    with pytest.raises(ParameterError, match="preserve_weight > 0.*task: embedding"):
+        parse("cnn", {"task": "classifier", "loss": "cross_entropy", "preserve_weight": 1.0})
+    with pytest.raises(ParameterError, match="flip_tta.*embedding"):
+        parse("cnn", {"task": "classifier", "loss": "cross_entropy", "flip_tta": True})
+    with pytest.raises(ParameterError, match="preserve_weight"):
+        parse("siamese_pretrained", {"loss": "triplet", "preserve_weight": -1})

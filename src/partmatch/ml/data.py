@@ -255,30 +255,39 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 
 class InMemoryFeatures:
-    """Precomputed float features (N, D) with labels, batched like :class:`InMemoryImages`.
+    """Precomputed float features with labels, batched like :class:`InMemoryImages`.
 
-    Used when a frozen backbone's features are cached once and only the head trains; ``augment``, ``mean``
-    and ``std`` are accepted for interface compatibility and ignored (features are already normalised inputs).
+    Used when a frozen backbone's features are cached once and only the head trains. ``features`` is
+    ``(N, D)``, or ``(N, V, D)`` with V views of each image (view 0 the image itself, view 1 its horizontal
+    mirror, see ``workflow.backbone_features``). A batch holds view 0, or with ``augment`` a view drawn per
+    sample from torch's global generator (seeded and checkpointed by the engine): flip augmentation on cached
+    features. ``mean`` and ``std`` are accepted for interface compatibility and ignored.
     """
 
     def __init__(self, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor):
         feats = _as_tensor(features, torch.float32)
-        if feats.ndim != 2:
-            raise ValueError(f"features must be (N, D), got shape {tuple(feats.shape)}")
+        if feats.ndim not in (2, 3):
+            raise ValueError(f"features must be (N, D) or (N, views, D), got shape {tuple(feats.shape)}")
         labs = _as_tensor(labels, torch.int64).reshape(-1)
         if len(labs) != len(feats):
             raise ValueError(f"{len(feats)} feature rows but {len(labs)} labels")
-        self.features = feats.contiguous()
+        self.features = (feats if feats.ndim == 3 else feats[:, None]).contiguous()
         self.labels = labs.contiguous()
         self.labels_np = self.labels.numpy()
+
+    @property
+    def views(self) -> int:
+        return int(self.features.shape[1])
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
     def batch(self, indices, device: torch.device | str = "cpu", augment=None, mean=None,
               std=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of ``indices`` on ``device``."""
+        """Features (one view per sample) and labels of ``indices`` on ``device``."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        view = (torch.randint(self.views, (len(idx),)) if augment and self.views > 1
+                else torch.zeros(len(idx), dtype=torch.int64))
         device = torch.device(device)
-        return (self.features.index_select(0, idx).to(device, non_blocking=True),
+        return (self.features[idx, view].to(device, non_blocking=True),
                 self.labels.index_select(0, idx).to(device, non_blocking=True))

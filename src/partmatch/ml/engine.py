@@ -228,8 +228,9 @@ def fit(
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    # images only: cached backbone features (frozen mode) are not augmented
-    augment = make_augmentation(config.augment, train.image_size) if isinstance(train, InMemoryImages) else None
+    # images: torchvision transforms; cached backbone features (frozen mode): a random view (image / mirror)
+    augment = (make_augmentation(config.augment, train.image_size) if isinstance(train, InMemoryImages)
+               else config.augment)
     gpu_name = None
     if device.type == "cuda":
         gpu_name = torch.cuda.get_device_name(device)

@@ -63,13 +63,17 @@ class EmbeddingNet(nn.Module):
     untrained model embeds exactly like its (pretrained) backbone's features and training only moves it away
     from them as far as the loss asks — the way to improve ImageNet features without forgetting what makes
     them work on categories never trained on.
+
+    ``flip_tta=True`` makes :meth:`embed` (what retrieval and evaluation use) average the embeddings of the
+    image and of its horizontal mirror (:func:`combine_views`); ``forward`` (what training uses) is unchanged.
     """
 
     task = "embedding"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, normalize: bool = False,
-                 head_init: str = "default"):
+                 head_init: str = "default", flip_tta: bool = False):
         super().__init__()
+        self.flip_tta = bool(flip_tta)
         self.backbone = backbone
         self.feature_dim = int(feature_dim)
         self.embedding_dim = int(embedding_dim)
@@ -92,7 +96,17 @@ class EmbeddingNet(nn.Module):
         return z
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)
+        z = self.forward(x)
+        if self.flip_tta:
+            z = combine_views(z, self.forward(torch.flip(x, dims=[-1])), self.normalize)
+        return z
+
+
+def combine_views(z: torch.Tensor, z_mirror: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Test-time flip averaging: the mean of an image's and its mirror's embeddings, put back on the unit
+    sphere when the model normalises (for unit vectors that is the direction of their sum)."""
+    mean = (z + z_mirror) / 2
+    return F.normalize(mean, p=2, dim=1) if normalize else mean
 
 
 class Classifier(nn.Module):
@@ -164,6 +178,7 @@ def build_model(
     backbone: str = "study_cnn",
     normalize: bool = False,
     head_init: str = "default",
+    flip_tta: bool = False,
     **backbone_kwargs: Any,
 ) -> nn.Module:
     """Build a ``Classifier`` (task="classifier") or an ``EmbeddingNet`` (task="embedding").
@@ -175,13 +190,16 @@ def build_model(
         raise ValueError(f"Unknown task {task!r}; valid tasks: {list(TASKS)}")
     trunk, feature_dim = _build_backbone(backbone, int(in_channels), int(image_size), backbone_kwargs)
     if task == "classifier":
+        if flip_tta:
+            raise ValueError("flip_tta is for embedding models (task='embedding')")
         if int(num_classes) < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes}")
         model: nn.Module = Classifier(trunk, feature_dim, int(num_classes))
     else:
         if int(embedding_dim) < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        model = EmbeddingNet(trunk, feature_dim, int(embedding_dim), normalize=normalize, head_init=head_init)
+        model = EmbeddingNet(trunk, feature_dim, int(embedding_dim), normalize=normalize, head_init=head_init,
+                             flip_tta=flip_tta)
     model._partmatch_spec = _plain(  # type: ignore[assignment]
         {
             "version": SPEC_VERSION,
@@ -193,6 +211,7 @@ def build_model(
             "backbone": str(backbone),
             "normalize": bool(normalize),
             "head_init": str(head_init),
+            "flip_tta": bool(flip_tta),
             "backbone_kwargs": dict(backbone_kwargs),
         },
         "spec",

@@ -287,6 +287,71 @@ class MultiObjective(BaseObjective):
         return [group for part in self.parts for group in part.extra_parameters()]
 
 
+def similarity_drift(embeddings: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the batch's cosine-similarity matrices of ``embeddings`` and
+    ``reference`` (``(B, D)`` and ``(B, D')``): how far training has moved the pairwise geometry of the
+    reference features (similarity-preserving regularisation, Tung & Mori 2019, on cosine similarities)."""
+    z = F.normalize(embeddings.flatten(1).float(), p=2, dim=1)
+    r = F.normalize(reference.flatten(1).float(), p=2, dim=1)
+    return ((z @ z.T - r @ r.T) ** 2).mean()
+
+
+class SimilarityPreservingObjective(BaseObjective):
+    """An embedding objective plus ``weight * similarity_drift(embeddings, reference features)``.
+
+    The reference features are what the model started from, so the loss may reshape the space for the
+    training categories while the penalty keeps the pairwise similarities that carry over to categories never
+    trained on:
+
+    * ``reference=None``: the inputs themselves, for a head trained on cached frozen-backbone features (the
+      inputs *are* the pretrained features);
+    * ``reference=module``: a frozen copy of the backbone as it was before training (ImageNet weights, or the
+      study trunk's initial weights), run on each batch without gradients and always in eval mode.
+
+    Batches come from the wrapped objective.
+    """
+
+    def __init__(self, inner: BaseObjective, weight: float, reference: nn.Module | None = None):
+        super().__init__()
+        if inner.task != "embedding":
+            raise ValueError("SimilarityPreservingObjective wraps an embedding objective")
+        if weight < 0:
+            raise ValueError(f"similarity-preserving weight must be >= 0, got {weight}")
+        self.inner = inner
+        self.weight = float(weight)
+        self.m_per_class = inner.m_per_class
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+
+    def train(self, mode: bool = True) -> SimilarityPreservingObjective:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # a reference, not a learner: BatchNorm statistics stay as they were
+        return self
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
+        return self.inner.batches(labels, batch_size, epoch, seed)
+
+    def reference_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            return inputs
+        with torch.no_grad():
+            return self.reference(inputs)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        reference = self.reference_features(images)
+        embeddings = model(images)
+        with _fp32(embeddings.device):
+            embeddings = embeddings.float()
+            return (self.inner.loss_from_embeddings(embeddings, labels)
+                    + self.weight * similarity_drift(embeddings, reference))
+
+    def extra_parameters(self) -> list[dict]:
+        return self.inner.extra_parameters()
+
+
 # ---------------------------------------------------------------------------------------------- factory
 
 _SINGLE = ("cross_entropy", "contrastive", "triplet", "proxy_anchor", "quadruplet")

@@ -8,6 +8,7 @@ of the closed set, the preprocessing it expects, the input normalisation and the
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
 from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
 from partmatch.ml.models import build_model, model_from_spec, model_spec
-from partmatch.ml.objectives import build_objective
+from partmatch.ml.objectives import SimilarityPreservingObjective, build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, ima
         kwargs = {"pretrained": p.pretrained, "weights_path": p.weights_path}
     return build_model(p.task, num_classes=num_classes, embedding_dim=p.embedding_dim, in_channels=in_channels,
                        image_size=image_size, backbone=p.backbone, normalize=p.normalize,
-                       head_init=p.head_init, **kwargs)
+                       head_init=p.head_init, flip_tta=p.flip_tta, **kwargs)
 
 
 def uses_cached_features(p: TrainingParams) -> bool:
@@ -105,8 +106,15 @@ def prepare_backbone(model: torch.nn.Module, p: TrainingParams) -> list[dict]:
     return groups
 
 
+def feature_views(p: TrainingParams) -> int:
+    """Views cached per image in frozen mode: 2 (the image and its horizontal mirror) when the head trains
+    with augmentation or embeds with flip averaging, else 1."""
+    return 2 if (p.augment or p.flip_tta) else 1
+
+
 def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
-    """Pooled features of the frozen pretrained backbone for every image (empty when the mode is not frozen)."""
+    """Pooled features of the frozen pretrained backbone for every image, ``(N, D)``, or ``(N, 2, D)`` with the
+    mirrored image's features as view 1 (see :func:`feature_views`); empty when the mode is not frozen."""
     if not uses_cached_features(p):
         return np.zeros((0, 0), dtype=np.float32)
     channels, size = int(images.shape[1]), int(images.shape[2])
@@ -116,9 +124,24 @@ def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
     started = time.perf_counter()
     feats = evaluation.embed_images(model.backbone.eval(), images, batch_size=p.eval_batch_size, device=device,
                                     mean=mean, std=std)
+    if feature_views(p) == 2:
+        mirrored = evaluation.embed_images(_Mirrored(model.backbone).eval(), images, batch_size=p.eval_batch_size,
+                                           device=device, mean=mean, std=std)
+        feats = np.stack([feats, mirrored], axis=1)
     logger.info("Cached %s features %s for %d images in %.1f s.", p.backbone, feats.shape[1:], len(feats),
                 time.perf_counter() - started)
     return feats
+
+
+class _Mirrored(torch.nn.Module):
+    """A module applied to the horizontally mirrored input (to cache the mirror view's features)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.flip(x, dims=[-1]))
 
 
 def train_config(p: TrainingParams, checkpoint_dir: str | None, mean: tuple, std: tuple) -> TrainConfig:
@@ -147,12 +170,20 @@ def _val_scorer(p: TrainingParams, embed, log_probs, train_rows: np.ndarray, val
 
 @torch.inference_mode()
 def _apply_to_features(model: torch.nn.Module, features: np.ndarray, rows: np.ndarray, device: str) -> np.ndarray:
-    """Run a head-only model (backbone swapped for the identity) over cached feature rows."""
+    """Run a head-only model (backbone swapped for the identity) over cached feature rows, averaging the
+    image and mirror views when the model embeds with flip averaging (as ``model.embed`` does on images)."""
+    from partmatch.ml.models import combine_views  # noqa: PLC0415
+
     was = model.training
     model.eval()
-    out = model(torch.as_tensor(features[rows], device=device)).float().cpu().numpy()
+    x = torch.as_tensor(features[rows], device=device)
+    if x.ndim == 2:
+        x = x[:, None]
+    out = model(x[:, 0])
+    if getattr(model, "flip_tta", False) and x.shape[1] > 1:
+        out = combine_views(out, model(x[:, 1]), model.normalize)
     model.train(was)
-    return out
+    return out.float().cpu().numpy()
 
 
 def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
@@ -169,6 +200,9 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
     model = build_from_params(p, len(classes), channels, size)
     embedding_dim = p.embedding_dim if p.task == "embedding" else len(classes)
     objective = build_objective(p.loss, objective_params(p), num_classes=len(classes), embedding_dim=embedding_dim)
+    if p.preserve_weight > 0:  # reference: the cached features themselves, or a frozen copy of the initial backbone
+        reference = None if uses_cached_features(p) else copy.deepcopy(model.backbone)
+        objective = SimilarityPreservingObjective(objective, p.preserve_weight, reference)
     device = str(resolve_device(p.device))
     groups = prepare_backbone(model, p)
     config = train_config(p, checkpoint_dir, mean, std)
@@ -179,6 +213,10 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
     if uses_cached_features(p):
         if features is None or len(features) != len(images):
             raise ValueError("train_mode 'frozen' needs the cached backbone features of every image")
+        views = 1 if features.ndim == 2 else int(features.shape[1])
+        if views < feature_views(p):
+            raise ValueError(f"cached features have {views} view(s) per image, but flip_tta / augment need the "
+                             f"mirror image's too: recompute them with workflow.backbone_features(images, params)")
         backbone, model.backbone = model.backbone, torch.nn.Identity()  # train the head on cached features
         try:
             apply = lambda rows: _apply_to_features(model, features, rows, device)  # noqa: E731
@@ -213,6 +251,16 @@ def load_bundle(bundle: dict, device: str = "cpu") -> torch.nn.Module:
     """Rebuild the trained model of a bundle, in eval mode on ``device``."""
     model = model_from_spec(bundle["spec"], bundle["state_dict"])
     return model.to(device).eval()
+
+
+def embed_cached_features(bundle: dict, features: np.ndarray, rows: np.ndarray | None = None,
+                          device: str = "cpu") -> np.ndarray:
+    """Embeddings of a frozen-backbone bundle computed from cached backbone features instead of images: the
+    trained head (with flip averaging over the cached views when the model uses it). Equal to embedding the
+    images with the full model, at a fraction of the cost (for benchmarks over many splits)."""
+    model = load_bundle(bundle, device)
+    model.backbone = torch.nn.Identity()
+    return _apply_to_features(model, features, np.arange(len(features)) if rows is None else rows, device)
 
 
 def _stats(bundle: dict) -> tuple[tuple, tuple]:
