@@ -1,6 +1,6 @@
 """Open-set precision@1 after every epoch of one model pipeline's training (why the study trunk stalls on unseen parts).
 
-    python bench/open_set_trajectory.py siamese_triplet ['{"sampling": "random"}']
+    python bench/open_set_trajectory.py siamese_triplet ['{"sampling": "random", "preserve_weight": 0}']
 
 Reads the latest preprocessed `image_array` / `split_index` under data/ (run `kedro run
 --pipelines=ingestion,preprocessing --params=raw_source=...` first), trains the pipeline's configuration from
@@ -23,7 +23,6 @@ from partmatch.config import TrainingParams
 from partmatch.ml import evaluation, workflow
 from partmatch.ml.data import InMemoryImages
 from partmatch.ml.engine import fit, seed_everything
-from partmatch.ml.objectives import build_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,8 +64,7 @@ def main() -> None:
         return v
 
     report()
-    objective = build_objective(p.loss, workflow.objective_params(p), num_classes=len(classes),
-                                embedding_dim=p.embedding_dim)
+    objective = workflow.make_objective(p, model, len(classes))
     fit(model, objective, InMemoryImages(images[train], y[train], mean=mean, std=std), report,
         workflow.train_config(p, None, mean, std), param_groups=workflow.prepare_backbone(model, p))
 

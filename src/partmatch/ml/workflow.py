@@ -23,7 +23,7 @@ from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
 from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
 from partmatch.ml.models import build_model, model_from_spec, model_spec
-from partmatch.ml.objectives import SimilarityPreservingObjective, build_objective
+from partmatch.ml.objectives import BaseObjective, SimilarityPreservingObjective, build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,18 @@ def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, ima
     return build_model(p.task, num_classes=num_classes, embedding_dim=p.embedding_dim, in_channels=in_channels,
                        image_size=image_size, backbone=p.backbone, normalize=p.normalize,
                        head_init=p.head_init, flip_tta=p.flip_tta, **kwargs)
+
+
+def make_objective(p: TrainingParams, model: torch.nn.Module, num_classes: int) -> BaseObjective:
+    """The training objective of the parameters for a freshly built ``model`` (before any training step): the
+    chosen loss, wrapped in the similarity-preserving penalty when ``preserve_weight > 0``, whose reference is
+    the cached features themselves (frozen mode) or a frozen copy of the model's initial backbone."""
+    embedding_dim = p.embedding_dim if p.task == "embedding" else num_classes
+    objective = build_objective(p.loss, objective_params(p), num_classes=num_classes, embedding_dim=embedding_dim)
+    if p.preserve_weight > 0:
+        reference = None if uses_cached_features(p) else copy.deepcopy(model.backbone)
+        objective = SimilarityPreservingObjective(objective, p.preserve_weight, reference)
+    return objective
 
 
 def uses_cached_features(p: TrainingParams) -> bool:
@@ -198,11 +210,7 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
     mean, std = normalisation(p, channels)
     seed_everything(p.seed)
     model = build_from_params(p, len(classes), channels, size)
-    embedding_dim = p.embedding_dim if p.task == "embedding" else len(classes)
-    objective = build_objective(p.loss, objective_params(p), num_classes=len(classes), embedding_dim=embedding_dim)
-    if p.preserve_weight > 0:  # reference: the cached features themselves, or a frozen copy of the initial backbone
-        reference = None if uses_cached_features(p) else copy.deepcopy(model.backbone)
-        objective = SimilarityPreservingObjective(objective, p.preserve_weight, reference)
+    objective = make_objective(p, model, len(classes))
     device = str(resolve_device(p.device))
     groups = prepare_backbone(model, p)
     config = train_config(p, checkpoint_dir, mean, std)
