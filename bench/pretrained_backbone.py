@@ -62,37 +62,51 @@ CONFIGS = {
 }
 
 
-def load(source: str, size: int):
-    """Cleaned, preprocessed and split photos at ``size`` px (grayscale, as the study)."""
+def load(source: str, size: int, split: dict | None = None):
+    """Cleaned, preprocessed and split photos at ``size`` px (grayscale, as the study); also the index before
+    splitting, to re-split with other seeds."""
     raw = ImageSourceDataset(path=source).load()
     manifest, quarantine = scan_source(raw, {})
     clean = clean_manifest(manifest, quarantine, {})[0]
     images, index = preprocess_images(raw, clean, {"image_size": size})
-    split_index, summary, _ = split_images(index, {})
-    return images, split_index, summary
+    split_index, summary, _ = split_images(index, dict(split or {}))
+    return images, split_index, summary, index
 
 
 _FEATURES: dict[tuple, np.ndarray] = {}
 
 
 def features(images, p: config.TrainingParams) -> np.ndarray:
-    """Frozen backbone features of ``images``, computed once per image set and backbone for every row that
-    needs them (the no-training baseline and each frozen row); empty when ``p`` does not train on them."""
+    """Frozen backbone features of ``images`` (view 0: the image, view 1: its mirror), computed once per image
+    set and backbone for every row that needs them, and returned with the views ``p`` uses; empty when ``p``
+    does not train on cached features."""
     if not workflow.uses_cached_features(p):
         return np.zeros((0, 0), dtype=np.float32)
     key = (images.shape, p.backbone, p.pretrained, p.weights_path)  # one source per run: shape tells 100/224 px
     if key not in _FEATURES:
-        _FEATURES[key] = workflow.backbone_features(images, p)
-    return _FEATURES[key]
+        _FEATURES[key] = workflow.backbone_features(images, config.TrainingParams(**{**p.model_dump(),
+                                                                                     "flip_tta": True}))
+    both = _FEATURES[key]
+    return both if workflow.feature_views(p) == 2 else both[:, 0]
 
 
-def no_training(images, index, size: int) -> dict:
+def off_the_shelf(feats: np.ndarray, flip: bool) -> np.ndarray:
+    """Pooled ImageNet features used directly as embeddings: L2-normalised (cosine retrieval), or with
+    ``flip`` the normalised mean of the image's and its mirror's normalised features (flip averaging alone)."""
+    unit = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+    if not flip:
+        return unit[:, 0]
+    mean = unit.mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+def no_training(images, index, size: int, flip: bool = False) -> dict:
     """The backbone's pooled ImageNet features, L2-normalised, used directly as embeddings (cosine retrieval,
-    the stronger of the two off-the-shelf baselines: raw Euclidean features score lower MAP@R)."""
-    p = config.TrainingParams(**{**PROXY, "train_mode": "frozen"})
+    the stronger of the two off-the-shelf baselines: raw Euclidean features score lower MAP@R); with ``flip``
+    averaged with the mirror image's (what flip averaging gains without any training)."""
+    p = config.TrainingParams(**{**PROXY, "train_mode": "frozen", "flip_tta": True})
     t0 = time.perf_counter()
-    feats = features(images, p)
-    feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    feats = off_the_shelf(features(images, p), flip)
     seconds = time.perf_counter() - t0
     rows = {s: workflow.split_rows(index, s) for s in ("train", "test", "open")}
     codes = np.asarray(index["label"].factorize()[0])
@@ -116,6 +130,52 @@ def trained(images, index, size: int, params: dict, epochs: int | None = None) -
             "best_epoch": summary["best_epoch"], "seconds": time.perf_counter() - t0}
 
 
+def open_set_protocol(images, unsplit, size: int, fraction: float, seeds: list[int], params: dict) -> str:
+    """No training vs flip averaging alone vs the recommended head, over several seeded class-disjoint
+    splits (each holds out ``fraction`` of the categories): per-split rows, mean gains and wins. Frozen
+    configurations only: each split trains the head on the cached features and scores it on them
+    (``workflow.embed_cached_features``, equal to embedding the images with the full model)."""
+    p = config.TrainingParams(**params)
+    if not workflow.uses_cached_features(p):
+        raise SystemExit("--split-seeds needs a frozen recommended configuration (head on cached features)")
+    feats = features(images, p)
+    both = features(images, config.TrainingParams(**{**params, "flip_tta": True}))
+    codes = np.asarray(index_codes(unsplit))
+    lines = ["| split seed | open categories (photos) | no training P@1 / MAP@R | flip averaging only | "
+             "recommended | epochs (best) |", "|---:|---|---|---|---|---|"]
+    gains = {"no training": [], "flip averaging only": []}
+    for seed in seeds:
+        index, summary, _ = split_images(unsplit, {"open_set_fraction": fraction, "seed": seed})
+        rows = workflow.split_rows(index, "open")
+        scores = {}
+        for name, emb in (("no training", off_the_shelf(both, False)), ("flip averaging only", off_the_shelf(both, True))):
+            m = evaluation.retrieval_metrics(emb[rows], codes[rows], prefix="open_set_")
+            scores[name] = np.array([m["open_set_precision_at_1"], m["open_set_map_at_r"]])
+        bundle, _, run = workflow.train(images, index, p, None, {"image_size": size}, features=feats)
+        m = evaluation.retrieval_metrics(workflow.embed_cached_features(bundle, feats, rows), codes[rows],
+                                         prefix="open_set_")
+        rec = np.array([m["open_set_precision_at_1"], m["open_set_map_at_r"]])
+        for name in gains:
+            gains[name].append(rec - scores[name])
+        cell = lambda v: f"{v[0]:.4f} / {v[1]:.4f}"  # noqa: E731
+        lines.append(f"| {seed} | {len(summary['open_set_classes'])} ({len(rows)}) | {cell(scores['no training'])} | "
+                     f"{cell(scores['flip averaging only'])} | **{cell(rec)}** | {run['epochs_run']} "
+                     f"({run['best_epoch']}) |")
+        print(lines[-1], flush=True)
+    lines.append("")
+    for name, g in gains.items():
+        g = np.stack(g)
+        lines.append(f"recommended vs {name}: open P@1 {g[:, 0].mean():+.4f} on average, higher on "
+                     f"{(g[:, 0] > 0).sum()}/{len(g)} splits (worst {g[:, 0].min():+.4f}); open MAP@R "
+                     f"{g[:, 1].mean():+.4f}, higher on {(g[:, 1] > 0).sum()}/{len(g)} (worst {g[:, 1].min():+.4f})")
+    return "\n".join(lines)
+
+
+def index_codes(index):
+    """Integer codes of every photo's category (open-set categories need ids too)."""
+    return index["label"].factorize()[0]
+
+
 def main() -> None:
     """Run every configuration and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,17 +184,38 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=["recommended", *CONFIGS],
                     help=f"trained rows to run (default all): recommended {' '.join(CONFIGS)}")
     ap.add_argument("--no-224", action="store_true", help="skip the 224 px rows")
+    ap.add_argument("--open-set-fraction", type=float, default=None,
+                    help="share of categories held out as unseen (default: conf/base split.open_set_fraction)")
+    ap.add_argument("--split-seeds", type=int, default=0, metavar="K",
+                    help="instead of the rows: no training vs the recommended head over K seeded class-disjoint "
+                         "splits (seeds 0..K-1), 100 px")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rec = recommended()
+    split = {} if args.open_set_fraction is None else {"open_set_fraction": args.open_set_fraction}
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.split_seeds:
+        images, _, _, unsplit = load(args.source, 100, split)
+        fraction = args.open_set_fraction or config.SplitParams().open_set_fraction
+        report = open_set_protocol(images, unsplit, 100, fraction, list(range(args.split_seeds)), rec)
+        print(report)
+        (out / "pretrained_backbone_splits.md").write_text(
+            f"open_set_fraction {fraction}, 100 px, recommended = conf/base/parameters_siamese_pretrained.yml\n\n"
+            + report + "\n")
+        return
     configs = {"recommended": (f"recommended = siamese_pretrained defaults ({rec['train_mode']}, {rec['loss']}"
                                f"{'/' + rec['sampling'] if rec['loss'] == 'triplet' else ''}, head_init "
-                               f"{rec.get('head_init', 'default')}, {rec['embedding_dim']}-d)", rec), **CONFIGS}
+                               f"{rec.get('head_init', 'default')}, {rec['embedding_dim']}-d"
+                               f"{', flip averaging' if rec.get('flip_tta') else ''}"
+                               f"{', similarity-preserving x' + str(rec['preserve_weight']) if rec.get('preserve_weight') else ''})",
+                               rec), **CONFIGS}
     epochs = 1 if args.quick else None
     results: dict[str, dict] = {}
-    images, index, summary = load(args.source, 100)
+    images, index, summary, _ = load(args.source, 100, split)
     print("open set:", summary["open_set_classes"], {k: v["images"] for k, v in summary["splits"].items()})
     results["100 px, frozen features, no training"] = no_training(images, index, 100)
+    results["100 px, frozen features, no training, flip averaging only"] = no_training(images, index, 100, flip=True)
     for key in args.rows:
         name, params = configs[key]
         results[f"100 px, {name}"] = trained(images, index, 100, params, epochs)
@@ -143,8 +224,9 @@ def main() -> None:
     if not (args.quick or args.no_224):
         key = next(k for k, (name, _) in configs.items() if best == f"100 px, {name}")
         name, params = configs[key]
-        images, index, _ = load(args.source, 224)
+        images, index, _, _ = load(args.source, 224, split)
         results["224 px, frozen features, no training"] = no_training(images, index, 224)
+        results["224 px, frozen features, no training, flip averaging only"] = no_training(images, index, 224, flip=True)
         # fine-tuning at 224 px costs ~5x more per epoch: cap it at 3 epochs on a CPU
         capped = 3 if params["train_mode"] != "frozen" else None
         results[f"224 px, {name}" + (f" ({capped} epochs)" if capped else "")] = trained(images, index, 224, params,
@@ -160,16 +242,15 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
     for size in (100, 224):
-        base = results.get(f"{size} px, frozen features, no training")
         rec_m = results.get(f"{size} px, {configs['recommended'][0]}")
-        if base and rec_m:
-            lines += [f"{size} px: recommended vs no training, {k}: {rec_m[k]:.4f} vs {base[k]:.4f} -> "
-                      f"{'BEATS' if rec_m[k] > base[k] else 'DOES NOT BEAT'}"
-                      for k in ("open_set_precision_at_1", "open_set_map_at_r")]
+        for label in ("no training", "no training, flip averaging only"):
+            base = results.get(f"{size} px, frozen features, {label}")
+            if base and rec_m:
+                lines += [f"{size} px: recommended vs {label}, {k}: {rec_m[k]:.4f} vs {base[k]:.4f} -> "
+                          f"{'BEATS' if rec_m[k] > base[k] else 'DOES NOT BEAT'}"
+                          for k in ("open_set_precision_at_1", "open_set_map_at_r")]
     verdict = "\n".join(lines)
     print(verdict)
     (out / "pretrained_backbone.md").write_text(table + "\n\n" + verdict + "\n")
