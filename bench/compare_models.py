@@ -4,7 +4,8 @@
 
 Runs `kedro run` (ingestion + preprocessing once, then every model pipeline with fixed epochs, early stopping
 off) exactly as a user would, with `raw_source` pointing at the photos, then reads each run's versioned
-metrics.json. Triplet training is run once per sampling strategy (random = the study, semihard, hard).
+metrics.json. Triplet training is run once per sampling strategy (random = the study, semihard, hard), and
+with / without the similarity-preserving penalty (`preserve_weight`) to show what each part contributes.
 Prints a markdown table next to the study's numbers and writes it to bench/results/compare_models.md.
 """
 
@@ -21,9 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "datasets" / "carparts" / "car parts.csv"
 STUDY = {"cnn": "test acc 50.80 %", "siamese_contrastive": "pair acc 70.24 %", "siamese_triplet[random]": "pair acc 40.36 %"}
+# random = the study (no similarity preservation); semihard = the default; the rest are ablations
 VARIANTS = [("cnn", "cnn", {}), ("siamese_contrastive", "siamese_contrastive", {}),
-            ("siamese_triplet[random]", "siamese_triplet", {"sampling": "random"}),
+            ("siamese_contrastive[preserve_weight 0]", "siamese_contrastive", {"preserve_weight": 0}),
+            ("siamese_triplet[random]", "siamese_triplet", {"sampling": "random", "preserve_weight": 0}),
             ("siamese_triplet[semihard]", "siamese_triplet", {"sampling": "semihard"}),
+            ("siamese_triplet[semihard, preserve_weight 0]", "siamese_triplet", {"sampling": "semihard",
+                                                                                 "preserve_weight": 0}),
+            ("siamese_triplet[random, default preserve_weight]", "siamese_triplet", {"sampling": "random"}),
             ("siamese_triplet[hard]", "siamese_triplet", {"sampling": "hard"}),
             ("siamese_pretrained", "siamese_pretrained", {})]
 COLUMNS = ["test_accuracy", "pair_accuracy", "roc_auc", "precision_at_1", "map_at_r", "recall_at_4",
