@@ -185,7 +185,8 @@ def main() -> None:
                     help=f"trained rows to run (default all): recommended {' '.join(CONFIGS)}")
     ap.add_argument("--no-224", action="store_true", help="skip the 224 px rows")
     ap.add_argument("--open-set-fraction", type=float, default=None,
-                    help="share of categories held out as unseen (default: conf/base split.open_set_fraction)")
+                    help="share of categories held out as unseen (default: the split's default, "
+                         f"{config.SplitParams().open_set_fraction})")
     ap.add_argument("--split-seeds", type=int, default=0, metavar="K",
                     help="instead of the rows: no training vs the recommended head over K seeded class-disjoint "
                          "splits (seeds 0..K-1), 100 px")
@@ -197,7 +198,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.split_seeds:
         images, _, _, unsplit = load(args.source, 100, split)
-        fraction = args.open_set_fraction or config.SplitParams().open_set_fraction
+        fraction = config.SplitParams().open_set_fraction if args.open_set_fraction is None else args.open_set_fraction
         report = open_set_protocol(images, unsplit, 100, fraction, list(range(args.split_seeds)), rec)
         print(report)
         (out / "pretrained_backbone_splits.md").write_text(

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -7,7 +8,12 @@ import torch
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages, make_augmentation
 from partmatch.ml.engine import NonFiniteLossError, TrainConfig, fit, load_checkpoint, resolve_device, seed_everything
 from partmatch.ml.models import build_model, model_from_spec
-from partmatch.ml.objectives import BaseObjective, ClassificationObjective, build_objective
+from partmatch.ml.objectives import (
+    BaseObjective,
+    ClassificationObjective,
+    SimilarityPreservingObjective,
+    build_objective,
+)
 
 SIZE = 16
 
@@ -108,19 +114,22 @@ def test_contrastive_embedding_training_decreases_loss():
     assert result.history[-1]["train_loss"] < 0.5 * result.history[0]["train_loss"]
 
 
-def _run(tmp_path, name, epochs, resume=False):
+def _run(tmp_path, name, epochs, resume=False, preserve=False):
     model = small_model(seed=1)
     obj = build_objective("contrastive+proxy_anchor", {"contrastive": {"m_per_class": 4}}, 4, 8)
+    if preserve:  # the similarity-preserving penalty against a frozen copy of the initial trunk
+        obj = SimilarityPreservingObjective(obj, 5.0, copy.deepcopy(model.backbone))
     cfg = config(epochs=epochs, augment=True, checkpoint_dir=str(tmp_path / name), resume=resume)
     result = fit(model, obj, toy_images(), lambda m: 0.0, cfg)  # constant score: best = first epoch
     return model, result
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
-    _, full = _run(tmp_path, "full", epochs=2)
-    _, first = _run(tmp_path, "split", epochs=1)
+@pytest.mark.parametrize("preserve", [False, True])
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, preserve):
+    _, full = _run(tmp_path, "full", epochs=2, preserve=preserve)
+    _, first = _run(tmp_path, "split", epochs=1, preserve=preserve)
     assert first.epochs_run == 1
-    _, resumed = _run(tmp_path, "split", epochs=2, resume=True)
+    _, resumed = _run(tmp_path, "split", epochs=2, resume=True, preserve=preserve)
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 2
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(tmp_path / "split" / "last.pt")

@@ -268,7 +268,12 @@ def test_similarity_preservation_against_a_frozen_reference_network():
     loss = objective.loss(model, x, y)
     loss.backward()
     opt.step()
+    objective.train()
     assert not reference.training and all(not q.requires_grad for q in reference.parameters())
+    assert not any(k.startswith("reference") for k in objective.state_dict())   # rebuilt, never checkpointed
+    objective.to(torch.float64)
+    assert reference[0].weight.dtype == torch.float64                           # but moved with the objective
+    objective.to(torch.float32)
     for k, v in reference.state_dict().items():
         assert torch.equal(v, before[k]), f"reference {k} changed"
     with torch.no_grad():

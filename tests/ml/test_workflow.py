@@ -158,6 +158,12 @@ def test_cached_features_must_match_the_views_the_parameters_need():
     single = np.zeros((len(images), 1280), dtype=np.float32)
     with pytest.raises(ValueError, match=r"flip_tta.*mirror.*backbone_features"):
         workflow.train(images, index, p, None, {"image_size": 64}, features=single)
+    from partmatch.ml.models import model_spec
+
+    model = workflow.build_from_params(p, 4, 1, 64)
+    bundle = {"spec": model_spec(model), "state_dict": model.state_dict()}
+    with pytest.raises(ValueError, match=r"flip_tta.*mirror view"):
+        workflow.embed_cached_features(bundle, single)
 
 
 def test_flip_and_preservation_parameters_are_checked_before_work():

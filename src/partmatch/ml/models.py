@@ -211,7 +211,7 @@ def build_model(
             "backbone": str(backbone),
             "normalize": bool(normalize),
             "head_init": str(head_init),
-            "flip_tta": bool(flip_tta),
+            **({"flip_tta": True} if flip_tta else {}),  # only when on: specs without it load in older code
             "backbone_kwargs": dict(backbone_kwargs),
         },
         "spec",

@@ -306,7 +306,9 @@ class SimilarityPreservingObjective(BaseObjective):
     * ``reference=None``: the inputs themselves, for a head trained on cached frozen-backbone features (the
       inputs *are* the pretrained features);
     * ``reference=module``: a frozen copy of the backbone as it was before training (ImageNet weights, or the
-      study trunk's initial weights), run on each batch without gradients and always in eval mode.
+      study trunk's initial weights), run on each batch without gradients and always in eval mode. It is not
+      a submodule: ``.to(device)`` moves it, but ``state_dict()`` (checkpoints) leaves it out, since
+      ``workflow.make_objective`` rebuilds it identically and checkpoints stay loadable whatever the weight.
 
     Batches come from the wrapped objective.
     """
@@ -320,25 +322,29 @@ class SimilarityPreservingObjective(BaseObjective):
         self.inner = inner
         self.weight = float(weight)
         self.m_per_class = inner.m_per_class
-        self.reference = reference
         if reference is not None:
             reference.requires_grad_(False)
-            reference.eval()
+            reference.eval()  # a reference, not a learner: BatchNorm statistics stay as they were
+        object.__setattr__(self, "_reference", reference)  # not registered: out of state_dict / checkpoints
 
-    def train(self, mode: bool = True) -> SimilarityPreservingObjective:
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()  # a reference, not a learner: BatchNorm statistics stay as they were
+    @property
+    def reference(self) -> nn.Module | None:
+        return self._reference
+
+    def _apply(self, fn, recurse: bool = True):  # .to(device) / .float() also move the reference
+        super()._apply(fn, recurse)
+        if self._reference is not None:
+            self._reference._apply(fn)
         return self
 
     def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
         return self.inner.batches(labels, batch_size, epoch, seed)
 
     def reference_features(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.reference is None:
+        if self._reference is None:
             return inputs
         with torch.no_grad():
-            return self.reference(inputs)
+            return self._reference(inputs)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         reference = self.reference_features(images)

@@ -267,6 +267,9 @@ def embed_cached_features(bundle: dict, features: np.ndarray, rows: np.ndarray |
     trained head (with flip averaging over the cached views when the model uses it). Equal to embedding the
     images with the full model, at a fraction of the cost (for benchmarks over many splits)."""
     model = load_bundle(bundle, device)
+    if getattr(model, "flip_tta", False) and (features.ndim != 3 or features.shape[1] < 2):
+        raise ValueError("this model embeds with flip averaging (flip_tta): embed_cached_features needs the mirror "
+                         "view too, features of shape (N, 2, D) from workflow.backbone_features")
     model.backbone = torch.nn.Identity()
     return _apply_to_features(model, features, np.arange(len(features)) if rows is None else rows, device)
 
