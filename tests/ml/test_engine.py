@@ -228,3 +228,12 @@ def test_cached_feature_views_are_drawn_per_sample_only_when_augmenting():
     assert InMemoryFeatures(np.ones((4, 3)), np.arange(4)).batch([0, 1], augment=True)[0].shape == (2, 3)
     with pytest.raises(ValueError, match=r"\(N, D\) or \(N, views, D\)"):
         InMemoryFeatures(np.ones((4, 3, 2, 2)), np.arange(4))
+
+
+def test_a_reference_network_in_the_objective_gets_the_models_memory_format(tmp_path):
+    model = small_model(seed=1)
+    reference = copy.deepcopy(model.backbone)
+    obj = SimilarityPreservingObjective(build_objective("triplet", {"m_per_class": 4}, 4, 8), 5.0, reference)
+    fit(model, obj, toy_images(), None, config(epochs=1))
+    conv = reference.features[3].weight  # (8, 4, 3, 3): NCHW and NHWC layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
