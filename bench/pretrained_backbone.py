@@ -27,11 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from partmatch import config
 from partmatch.datasets import ImageSourceDataset
 from partmatch.ml import evaluation, workflow
+from partmatch.ml.models import combine_views
 from partmatch.pipelines.ingestion.nodes import clean_manifest, scan_source
 from partmatch.pipelines.preprocessing.nodes import preprocess_images, split_images
 
@@ -93,11 +95,8 @@ def features(images, p: config.TrainingParams) -> np.ndarray:
 def off_the_shelf(feats: np.ndarray, flip: bool) -> np.ndarray:
     """Pooled ImageNet features used directly as embeddings: L2-normalised (cosine retrieval), or with
     ``flip`` the normalised mean of the image's and its mirror's normalised features (flip averaging alone)."""
-    unit = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
-    if not flip:
-        return unit[:, 0]
-    mean = unit.mean(axis=1)
-    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    unit = torch.nn.functional.normalize(torch.as_tensor(feats), dim=-1)
+    return (combine_views(unit[:, 0], unit[:, 1], normalize=True) if flip else unit[:, 0]).numpy()
 
 
 def no_training(images, index, size: int, flip: bool = False) -> dict:
@@ -109,7 +108,7 @@ def no_training(images, index, size: int, flip: bool = False) -> dict:
     feats = off_the_shelf(features(images, p), flip)
     seconds = time.perf_counter() - t0
     rows = {s: workflow.split_rows(index, s) for s in ("train", "test", "open")}
-    codes = np.asarray(index["label"].factorize()[0])
+    codes = np.asarray(index_codes(index))
     closed = evaluation.retrieval_metrics(feats[rows["test"]], codes[rows["test"]], feats[rows["train"]],
                                           codes[rows["train"]])
     opened = evaluation.retrieval_metrics(feats[rows["open"]], codes[rows["open"]], prefix="open_set_")
@@ -198,7 +197,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.split_seeds:
         images, _, _, unsplit = load(args.source, 100, split)
-        fraction = config.SplitParams().open_set_fraction if args.open_set_fraction is None else args.open_set_fraction
+        fraction = split.get("open_set_fraction", config.SplitParams().open_set_fraction)
         report = open_set_protocol(images, unsplit, 100, fraction, list(range(args.split_seeds)), rec)
         print(report)
         (out / "pretrained_backbone_splits.md").write_text(

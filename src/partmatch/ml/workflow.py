@@ -22,7 +22,7 @@ from partmatch.config import TrainingParams
 from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
 from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
-from partmatch.ml.models import build_model, model_from_spec, model_spec
+from partmatch.ml.models import build_model, combine_views, model_from_spec, model_spec
 from partmatch.ml.objectives import BaseObjective, SimilarityPreservingObjective, build_objective
 
 logger = logging.getLogger(__name__)
@@ -184,15 +184,17 @@ def _val_scorer(p: TrainingParams, embed, log_probs, train_rows: np.ndarray, val
 def _apply_to_features(model: torch.nn.Module, features: np.ndarray, rows: np.ndarray, device: str) -> np.ndarray:
     """Run a head-only model (backbone swapped for the identity) over cached feature rows, averaging the
     image and mirror views when the model embeds with flip averaging (as ``model.embed`` does on images)."""
-    from partmatch.ml.models import combine_views  # noqa: PLC0415
-
-    was = model.training
-    model.eval()
     x = torch.as_tensor(features[rows], device=device)
     if x.ndim == 2:
         x = x[:, None]
+    flip = getattr(model, "flip_tta", False)
+    if flip and x.shape[1] < 2:
+        raise ValueError("this model embeds with flip averaging (flip_tta): its cached features need the mirror "
+                         "view too, shape (N, 2, D) from workflow.backbone_features")
+    was = model.training
+    model.eval()
     out = model(x[:, 0])
-    if getattr(model, "flip_tta", False) and x.shape[1] > 1:
+    if flip:
         out = combine_views(out, model(x[:, 1]), model.normalize)
     model.train(was)
     return out.float().cpu().numpy()
@@ -267,9 +269,6 @@ def embed_cached_features(bundle: dict, features: np.ndarray, rows: np.ndarray |
     trained head (with flip averaging over the cached views when the model uses it). Equal to embedding the
     images with the full model, at a fraction of the cost (for benchmarks over many splits)."""
     model = load_bundle(bundle, device)
-    if getattr(model, "flip_tta", False) and (features.ndim != 3 or features.shape[1] < 2):
-        raise ValueError("this model embeds with flip averaging (flip_tta): embed_cached_features needs the mirror "
-                         "view too, features of shape (N, 2, D) from workflow.backbone_features")
     model.backbone = torch.nn.Identity()
     return _apply_to_features(model, features, np.arange(len(features)) if rows is None else rows, device)
 
