@@ -290,6 +290,19 @@ class TorchModelDataset(_VersionedBinaryDataset):
         return buf.getvalue()
 
 
+class GalleryIndexDataset(_VersionedBinaryDataset):
+    """Versioned search index (``partmatch.ml.retrieval.GalleryIndex``) in its own single-file format (no pickle):
+    vectors, part names, ids and per-vector metadata (path, content hash)."""
+
+    def _decode(self, raw: bytes) -> Any:
+        from partmatch.ml.retrieval import GalleryIndex
+
+        return GalleryIndex.from_bytes(raw)
+
+    def _encode(self, data: Any) -> bytes:
+        return data.to_bytes()
+
+
 class MlflowArtifactDataset(_KedroMlflowArtifactDataset):
     """kedro-mlflow's ``MlflowArtifactDataset`` that shares the catalog's save version with the wrapped dataset.
 

@@ -42,12 +42,20 @@ def test_study_trunk_end_to_end(overrides):
     p = TrainingParams(**TINY, **overrides)
     bundle, history, summary = workflow.train(images, index, p, None, {"image_size": 32, "color_mode": "grayscale"})
     assert len(history) == 2 and summary["epochs_run"] == 2
-    calibrated, curve, dist, same = workflow.calibrate_threshold(bundle, images, index, p)
-    assert calibrated["threshold"] is not None and len(dist) == len(same)
-    metrics = workflow.evaluate(calibrated, images, index, p)
-    assert 0 <= metrics["precision_at_1"] <= 1 and "open_set_map_at_r" in metrics
+    emb = workflow.embed_all(bundle, images, device="cpu")
+    assert emb.shape == (len(images), 16 if p.task == "embedding" else 64 * 8 * 8)
+    calibrated, curve, dist, same = workflow.calibrate_threshold(bundle, emb, index, p)
+    assert calibrated["threshold"] is not None and len(dist) == len(same) == p.threshold_pairs
+    metrics = workflow.evaluate(calibrated, emb, index, p)
+    assert set(metrics) >= {"precision_at_1", "map_at_r", "open_set_map_at_r", "pair_accuracy"}
     if p.task == "classifier":
-        assert "test_accuracy" in metrics
+        # the accuracy from the stored pre-logit embeddings equals a second pass over the test images
+        from partmatch.ml.inference import Embedder
+
+        rows = workflow.split_rows(index, "test")
+        y = workflow.encode_labels(index["label"], calibrated["classes"])[rows]
+        direct = Embedder(calibrated).log_probs(images, rows)
+        assert metrics["test_accuracy"] == pytest.approx(float((direct.argmax(1) == y).mean()))
     back = torch.load(_roundtrip(calibrated), weights_only=True)
     assert back["classes"] == [f"class{c}" for c in range(4)]
 
@@ -143,12 +151,18 @@ def test_flip_averaging_head_with_similarity_preservation_end_to_end():
     bundle, history, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
     assert bundle["spec"]["flip_tta"] is True and np.isfinite(history[-1]["train_loss"])
     model = workflow.load_bundle(torch.load(_roundtrip(bundle), weights_only=True))
-    from partmatch.ml import evaluation
+    from partmatch.ml.inference import embed_images
 
-    emb = evaluation.embed_images(model, images[:6], mean=(0.449,), std=(0.226,))
+    emb = embed_images(model, images[:6], mean=(0.449,), std=(0.226,))
     np.testing.assert_allclose(emb, workflow.embed_cached_features(bundle, feats, np.arange(6)), atol=1e-4)
-    metrics = workflow.evaluate({**bundle, "threshold": 0.5}, images, index, p)
-    assert 0 <= metrics["open_set_precision_at_1"] <= 1
+    # evaluation reads the embeddings computed once from the cached features: the same numbers as from images
+    from_features = workflow.embed_all(bundle, images, feats, device="cpu")
+    from_images = workflow.embed_all(bundle, images, device="cpu")
+    np.testing.assert_allclose(from_features, from_images, atol=1e-4)
+    m1 = workflow.evaluate({**bundle, "threshold": 0.5}, from_features, index, p)
+    m2 = workflow.evaluate({**bundle, "threshold": 0.5}, from_images, index, p)
+    assert m1["open_set_precision_at_1"] == pytest.approx(m2["open_set_precision_at_1"])
+    assert m1["map_at_r"] == pytest.approx(m2["map_at_r"], abs=1e-6)
 
 
 def test_cached_features_must_match_the_views_the_parameters_need():
@@ -161,7 +175,8 @@ def test_cached_features_must_match_the_views_the_parameters_need():
     from partmatch.ml.models import model_spec
 
     model = workflow.build_from_params(p, 4, 1, 64)
-    bundle = {"spec": model_spec(model), "state_dict": model.state_dict()}
+    bundle = {"spec": model_spec(model), "state_dict": model.state_dict(),
+              "normalization": {"mean": [0.449], "std": [0.226]}}
     with pytest.raises(ValueError, match=r"flip_tta.*mirror view"):
         workflow.embed_cached_features(bundle, single)
 
@@ -175,3 +190,12 @@ def test_flip_and_preservation_parameters_are_checked_before_work():
         parse("cnn", {"task": "classifier", "loss": "cross_entropy", "flip_tta": True})
     with pytest.raises(ParameterError, match="preserve_weight"):
         parse("siamese_pretrained", {"loss": "triplet", "preserve_weight": -1})
+
+
+def test_embeddings_that_do_not_match_the_split_index_are_refused():
+    images, index = toy()
+    p = TrainingParams(**TINY, loss="contrastive")
+    bundle, _, _ = workflow.train(images, index, p, None, {"image_size": 32})
+    emb = workflow.embed_all(bundle, images, device="cpu")
+    with pytest.raises(ValueError, match="different runs"):
+        workflow.calibrate_threshold(bundle, emb[:-1], index, p)

@@ -14,7 +14,9 @@ from partmatch.ml.models import model_from_spec
 from partmatch.pipelines.training.nodes import (
     cache_backbone_features,
     calibrate_threshold,
+    embed_images,
     evaluate_model,
+    index_gallery,
     train_model,
 )
 
@@ -49,9 +51,8 @@ def params(**over):
 def trained():
     images, index = tiny_set()
     p = params()
-    features = cache_backbone_features(images, p)
-    bundle, history, summary = train_model(images, features, index, p, {"image_size": 16})
-    return images, index, p, bundle, history, summary
+    bundle, history, summary = train_model(images, index, p, {"image_size": 16})
+    return images, index, p, bundle, history, summary, embed_images(bundle, images, p)
 
 
 def test_study_trunk_caches_no_features():
@@ -60,7 +61,7 @@ def test_study_trunk_caches_no_features():
 
 
 def test_train_model_returns_a_bundle_that_loads_with_weights_only(trained):
-    images, index, p, bundle, history, summary = trained
+    images, index, p, bundle, history, summary, emb = trained
     assert bundle["classes"] == sorted(CLASSES)          # open-set categories are never trained on
     assert bundle["threshold"] is None and bundle["preprocessing"] == {"image_size": 16}
     assert list(history["epoch"]) == [1, 2] and np.isfinite(history["train_loss"]).all()
@@ -74,8 +75,8 @@ def test_train_model_returns_a_bundle_that_loads_with_weights_only(trained):
 
 
 def test_calibrate_threshold_stores_the_accuracy_maximising_threshold(trained):
-    images, index, p, bundle, _, _ = trained
-    model, curve, histogram, curves = calibrate_threshold(bundle, images, index, p)
+    images, index, p, bundle, _, _, emb = trained
+    model, curve, histogram, curves = calibrate_threshold(bundle, emb, index, p)
     assert isinstance(model["threshold"], float) and bundle["threshold"] is None  # input bundle untouched
     best = curve.loc[curve["accuracy"].idxmax(), "threshold"]
     nxt = curve.loc[curve["threshold"] > best, "threshold"].min()
@@ -86,9 +87,9 @@ def test_calibrate_threshold_stores_the_accuracy_maximising_threshold(trained):
 
 
 def test_evaluate_model_writes_the_metrics_contract(trained):
-    images, index, p, bundle, history, summary = trained
-    model = calibrate_threshold(bundle, images, index, p)[0]
-    metrics, mlflow_metrics, figure = evaluate_model(model, images, index, history, summary, p)
+    images, index, p, bundle, history, summary, emb = trained
+    model = calibrate_threshold(bundle, emb, index, p)[0]
+    metrics, figure = evaluate_model(model, emb, index, history, summary, p)
     json.dumps(metrics)
     for key in ["precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "r_precision",
                 "map_at_r", "knn_accuracy", "pair_accuracy", "roc_auc", "open_set_precision_at_1",
@@ -97,23 +98,36 @@ def test_evaluate_model_writes_the_metrics_contract(trained):
     assert metrics["epochs"] == 2 and metrics["device"] == "cpu"
     # squares at distinct positions: even two epochs separate the trained categories
     assert metrics["precision_at_1"] > 1 / len(CLASSES)
-    assert mlflow_metrics["precision_at_1"]["value"] == pytest.approx(metrics["precision_at_1"])
-    assert [m["step"] for m in mlflow_metrics["train_loss"]] == [1, 2]
     assert isinstance(figure, Figure)
 
 
 def test_classifier_adds_test_accuracy(trained):
     images, index, *_ = trained
     p = params(task="classifier", loss="cross_entropy", epochs=1)
-    bundle, history, summary = train_model(images, np.zeros((0, 0), np.float32), index, p, {"image_size": 16})
-    model = calibrate_threshold(bundle, images, index, p)[0]
-    metrics = evaluate_model(model, images, index, history, summary, p)[0]
+    bundle, history, summary = train_model(images, index, p, {"image_size": 16})
+    emb = embed_images(bundle, images, p)
+    assert emb.shape == (len(images), 64 * 4 * 4)                   # the CNN retrieves with pre-logit features
+    model = calibrate_threshold(bundle, emb, index, p)[0]
+    metrics = evaluate_model(model, emb, index, history, summary, p)[0]
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "open_set_precision_at_1" in metrics
 
 
 def test_invalid_parameters_fail_before_training():
     images, index = tiny_set(per_class=2)
     with pytest.raises(ParameterError, match=r"model\.epochs"):
-        train_model(images, np.zeros((0, 0), np.float32), index, params(epochs=0), {"image_size": 16})
+        train_model(images, index, params(epochs=0), {"image_size": 16})
     with pytest.raises(ParameterError, match=r"model\.sampling"):
-        train_model(images, np.zeros((0, 0), np.float32), index, params(sampling="easy"), {"image_size": 16})
+        train_model(images, index, params(sampling="easy"), {"image_size": 16})
+
+
+def test_gallery_index_holds_every_catalogue_photo_and_finds_itself(trained):
+    images, index, p, bundle, _, _, emb = trained
+    index = index.assign(path=[f"{lab}/{i}.png" for i, lab in enumerate(index["label"])], sha256="x")
+    index.loc[0, "split"] = "excluded"                          # identical pixels under two names: not an item
+    model = calibrate_threshold(bundle, emb, index, p)[0]
+    gallery = index_gallery(model, emb, index, {"exact_max": 1000})
+    assert len(gallery) == len(index) - 1 and gallery.kind == "exact"
+    result = gallery.search(emb[1:4], k=1)
+    assert list(result.ids[:, 0]) == list(index["path"][1:4])   # each photo's nearest item is itself, at 0
+    np.testing.assert_allclose(result.distances[:, 0], 0, atol=1e-5)
+    assert list(result.labels[:, 0]) == list(index["label"][1:4])

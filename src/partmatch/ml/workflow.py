@@ -22,7 +22,8 @@ from partmatch.config import TrainingParams
 from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
 from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
-from partmatch.ml.models import build_model, combine_views, model_from_spec, model_spec
+from partmatch.ml.inference import Embedder, apply_head, embed_images
+from partmatch.ml.models import build_model, model_spec
 from partmatch.ml.objectives import BaseObjective, SimilarityPreservingObjective, build_objective
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,11 @@ def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
     mean, std = normalisation(p, channels)
     device = str(resolve_device(p.device))
     started = time.perf_counter()
-    feats = evaluation.embed_images(model.backbone.eval(), images, batch_size=p.eval_batch_size, device=device,
-                                    mean=mean, std=std)
+    feats = embed_images(model.backbone.eval(), images, batch_size=p.eval_batch_size, device=device,
+                         mean=mean, std=std)
     if feature_views(p) == 2:
-        mirrored = evaluation.embed_images(_Mirrored(model.backbone).eval(), images, batch_size=p.eval_batch_size,
-                                           device=device, mean=mean, std=std)
+        mirrored = embed_images(_Mirrored(model.backbone).eval(), images, batch_size=p.eval_batch_size,
+                                device=device, mean=mean, std=std)
         feats = np.stack([feats, mirrored], axis=1)
     logger.info("Cached %s features %s for %d images in %.1f s.", p.backbone, feats.shape[1:], len(feats),
                 time.perf_counter() - started)
@@ -180,26 +181,6 @@ def _val_scorer(p: TrainingParams, embed, log_probs, train_rows: np.ndarray, val
     return score
 
 
-@torch.inference_mode()
-def _apply_to_features(model: torch.nn.Module, features: np.ndarray, rows: np.ndarray, device: str) -> np.ndarray:
-    """Run a head-only model (backbone swapped for the identity) over cached feature rows, averaging the
-    image and mirror views when the model embeds with flip averaging (as ``model.embed`` does on images)."""
-    x = torch.as_tensor(features[rows], device=device)
-    if x.ndim == 2:
-        x = x[:, None]
-    flip = getattr(model, "flip_tta", False)
-    if flip and x.shape[1] < 2:
-        raise ValueError("this model embeds with flip averaging (flip_tta): its cached features need the mirror "
-                         "view too, shape (N, 2, D) from workflow.backbone_features")
-    was = model.training
-    model.eval()
-    out = model(x[:, 0])
-    if flip:
-        out = combine_views(out, model(x[:, 1]), model.normalize)
-    model.train(was)
-    return out.float().cpu().numpy()
-
-
 def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
           preprocessing: dict[str, Any], features: np.ndarray | None = None) -> tuple[dict, list[dict], dict]:
     """Train one model on the train split with early stopping on the validation split; return (bundle, history, summary)."""
@@ -229,17 +210,16 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
                              f"mirror image's too: recompute them with workflow.backbone_features(images, params)")
         backbone, model.backbone = model.backbone, torch.nn.Identity()  # train the head on cached features
         try:
-            apply = lambda rows: _apply_to_features(model, features, rows, device)  # noqa: E731
+            apply = lambda rows: apply_head(model, features, rows, device)  # noqa: E731
             scorer = _val_scorer(p, apply, apply, train_rows, val_rows, y)
             result = fit(model, objective, InMemoryFeatures(features[train_rows], y[train_rows]), scorer, config)
         finally:
             model.backbone = backbone
     else:
         train_set = InMemoryImages(images[train_rows], y[train_rows], mean=mean, std=std)
-        embed = lambda rows: evaluation.embed_images(model, images, batch_size=p.eval_batch_size,  # noqa: E731
-                                                     device=device, mean=mean, std=std, rows=rows)
-        log_probs = lambda rows: evaluation.predict_log_probs(model, images, batch_size=p.eval_batch_size,  # noqa: E731
-                                                              device=device, mean=mean, std=std, rows=rows)
+        live = Embedder.for_model(model, mean, std, device=device, batch_size=p.eval_batch_size)
+        embed = lambda rows: live.embed(images, rows)  # noqa: E731
+        log_probs = lambda rows: live.log_probs(images, rows)  # noqa: E731
         scorer = _val_scorer(p, embed, log_probs, train_rows, val_rows, y)
         result = fit(model, objective, train_set, scorer, config, param_groups=groups)
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
@@ -259,58 +239,68 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
 
 def load_bundle(bundle: dict, device: str = "cpu") -> torch.nn.Module:
     """Rebuild the trained model of a bundle, in eval mode on ``device``."""
-    model = model_from_spec(bundle["spec"], bundle["state_dict"])
-    return model.to(device).eval()
+    return Embedder(bundle, device=device).model
 
 
 def embed_cached_features(bundle: dict, features: np.ndarray, rows: np.ndarray | None = None,
                           device: str = "cpu") -> np.ndarray:
-    """Embeddings of a frozen-backbone bundle computed from cached backbone features instead of images: the
-    trained head (with flip averaging over the cached views when the model uses it). Equal to embedding the
-    images with the full model, at a fraction of the cost (for benchmarks over many splits)."""
-    model = load_bundle(bundle, device)
-    model.backbone = torch.nn.Identity()
-    return _apply_to_features(model, features, np.arange(len(features)) if rows is None else rows, device)
+    """Embeddings of a frozen-backbone bundle from cached backbone features (``Embedder.embed_features``)."""
+    return Embedder(bundle, device=device).embed_features(features, rows)
 
 
-def _stats(bundle: dict) -> tuple[tuple, tuple]:
-    return tuple(bundle["normalization"]["mean"]), tuple(bundle["normalization"]["std"])
+def embed_all(bundle: dict, images: np.ndarray, features: np.ndarray | None = None, device: str = "auto",
+              batch_size: int = 256) -> np.ndarray:
+    """The embedding of every image of the source (row i = image i) by a trained bundle, computed once per
+    trained model: from the cached frozen-backbone features when there are some (the backbone never runs
+    again), else from the images. Calibration, evaluation and the gallery index all read this array."""
+    embedder = Embedder(bundle, device=str(resolve_device(device)), batch_size=batch_size)
+    started = time.perf_counter()
+    if features is not None and features.size:
+        if len(features) != len(images):
+            raise ValueError(f"cached backbone features have {len(features)} rows but image_array has {len(images)}: "
+                             "they come from different preprocessing runs; re-run the model pipeline")
+        emb = embedder.embed_features(features)
+    else:
+        emb = embedder.embed(images)
+    logger.info("Embedded %d images -> %s in %.1f s (%s).", len(emb), emb.shape[1:], time.perf_counter() - started,
+                "cached backbone features" if features is not None and features.size else "images")
+    return emb
 
 
-def calibrate_threshold(bundle: dict, images: np.ndarray, split_index: pd.DataFrame,
+def _check_embeddings(embeddings: np.ndarray, split_index: pd.DataFrame) -> np.ndarray:
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or len(emb) != len(split_index):
+        raise ValueError(f"embeddings have shape {emb.shape} but split_index has {len(split_index)} rows: they come "
+                         "from different runs; re-run the model pipeline (kedro run --pipeline=<model>)")
+    return emb
+
+
+def calibrate_threshold(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame,
                         p: TrainingParams) -> tuple[dict, pd.DataFrame, np.ndarray, np.ndarray]:
     """Pick the accuracy-maximising distance threshold on seeded balanced *training* pairs (as the study did)."""
-    device = str(resolve_device(p.device))
-    model = load_bundle(bundle, device)
+    emb = _check_embeddings(embeddings, split_index)
     rows = split_rows(split_index, "train")
     labels = encode_labels(split_index["label"], bundle["classes"])[rows]
-    emb = evaluation.embed_images(model, images, batch_size=p.eval_batch_size, device=device,
-                                  mean=_stats(bundle)[0], std=_stats(bundle)[1], rows=rows)
     a, b, same = evaluation.sample_pairs(labels, p.threshold_pairs, seed=p.seed)
-    dist = evaluation.pair_distances(emb, a, b, distance=bundle.get("distance", "euclidean"))
+    dist = evaluation.pair_distances(emb[rows], a, b, distance=bundle.get("distance", "euclidean"))
     threshold, curve = evaluation.choose_threshold(dist, same)
     logger.info("Pair threshold %.4f chosen on %d training pairs (train pair accuracy %.4f).", threshold, len(dist),
                 float(curve["accuracy"].max()))
     return {**bundle, "threshold": float(threshold)}, curve, dist, same
 
 
-def evaluate(bundle: dict, images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams) -> dict[str, float]:
+def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p: TrainingParams) -> dict[str, float]:
     """The evaluation contract: closed-set retrieval (test vs train), open-set leave-one-out, pairs, accuracy."""
-    device = str(resolve_device(p.device))
-    model = load_bundle(bundle, device)
-    mean, std = _stats(bundle)
+    emb = _check_embeddings(embeddings, split_index)
     y = encode_labels(split_index["label"], bundle["classes"])
     codes = pd.factorize(split_index["label"])[0]  # open-set categories need ids too (not the model's)
     rows = {s: split_rows(split_index, s) for s in ("train", "test", "open")}
-    emb = {s: evaluation.embed_images(model, images, batch_size=p.eval_batch_size, device=device, mean=mean,
-                                      std=std, rows=r) for s, r in rows.items()}
     metrics = evaluation.evaluate_embeddings(
-        emb["train"], y[rows["train"]], emb["test"], y[rows["test"]],
-        emb["open"] if len(rows["open"]) else None, codes[rows["open"]] if len(rows["open"]) else None,
+        emb[rows["train"]], y[rows["train"]], emb[rows["test"]], y[rows["test"]],
+        emb[rows["open"]] if len(rows["open"]) else None, codes[rows["open"]] if len(rows["open"]) else None,
         threshold=bundle["threshold"], seed=p.seed, n_pairs=p.eval_pairs, distance=bundle.get("distance", "euclidean"))
     if p.task == "classifier" and len(rows["test"]):
-        logp = evaluation.predict_log_probs(model, images[rows["test"]], batch_size=p.eval_batch_size, device=device,
-                                            mean=mean, std=std)
+        logp = Embedder(bundle).log_probs_from_embeddings(emb[rows["test"]])
         metrics["test_accuracy"] = evaluation.classification_accuracy(logp, y[rows["test"]])
     metrics["threshold"] = float(bundle["threshold"]) if bundle["threshold"] is not None else float("nan")
     return metrics
@@ -319,15 +309,13 @@ def evaluate(bundle: dict, images: np.ndarray, split_index: pd.DataFrame, p: Tra
 def evaluate_unseen(bundle: dict, images: np.ndarray, labels: pd.Series, seed: int = 0,
                     n_pairs: int = 2000, batch_size: int = 256) -> dict[str, float]:
     """Score a trained model on a new image source, every category unseen: leave-one-out retrieval and pairs."""
-    device = str(resolve_device("auto"))
-    model = load_bundle(bundle, device)
-    mean, std = _stats(bundle)
-    emb = evaluation.embed_images(model, images, batch_size=batch_size, device=device, mean=mean, std=std)
+    embedder = Embedder(bundle, device=str(resolve_device("auto")), batch_size=batch_size)
+    emb = embedder.embed(images)
     codes = pd.factorize(labels)[0]
-    metrics = evaluation.retrieval_metrics(emb, codes, prefix="open_set_", distance=bundle.get("distance", "euclidean"))
-    if bundle.get("threshold") is not None:
+    metrics = evaluation.retrieval_metrics(emb, codes, prefix="open_set_", distance=embedder.distance)
+    if embedder.threshold is not None:
         a, b, same = evaluation.sample_pairs(codes, n_pairs, seed=seed)
-        dist = evaluation.pair_distances(emb, a, b, distance=bundle.get("distance", "euclidean"))
-        metrics.update(evaluation.pair_metrics(dist, same, bundle["threshold"], prefix="open_set_"))
+        dist = evaluation.pair_distances(emb, a, b, distance=embedder.distance)
+        metrics.update(evaluation.pair_metrics(dist, same, embedder.threshold, prefix="open_set_"))
     metrics.update({"open_set_images": int(len(codes)), "open_set_categories": int(codes.max() + 1)})
     return metrics

@@ -12,7 +12,10 @@ from matplotlib.figure import Figure
 
 from partmatch import config
 from partmatch.ml import plots, workflow
-from partmatch.tracking import as_mlflow_metrics, history_as_mlflow_metrics
+from partmatch.ml.retrieval import GalleryIndex, IndexConfig
+
+# splits whose photos are catalogue items of the gallery index ("excluded" = identical pixels under two names)
+GALLERY_SPLITS = ("train", "val", "test", "open")
 
 
 def cache_backbone_features(image_array: np.ndarray, params: dict[str, Any]) -> np.ndarray:
@@ -20,37 +23,66 @@ def cache_backbone_features(image_array: np.ndarray, params: dict[str, Any]) -> 
     return workflow.backbone_features(image_array, config.parse("model", params, config.TrainingParams))
 
 
-def train_model(image_array: np.ndarray, backbone_features: np.ndarray, split_index: pd.DataFrame,
-                params: dict[str, Any], preprocessing: dict[str, Any]) -> tuple[dict, pd.DataFrame, dict]:
+def train_model(image_array: np.ndarray, split_index: pd.DataFrame, params: dict[str, Any],
+                preprocessing: dict[str, Any]) -> tuple[dict, pd.DataFrame, dict]:
     """Train on the train split (early stopping on val); return the model bundle, per-epoch history and summary."""
+    return train_model_on_features(image_array, np.zeros((0, 0), np.float32), split_index, params, preprocessing)
+
+
+def train_model_on_features(image_array: np.ndarray, backbone_features: np.ndarray, split_index: pd.DataFrame,
+                            params: dict[str, Any], preprocessing: dict[str, Any]) -> tuple[dict, pd.DataFrame, dict]:
+    """As :func:`train_model`, the head trained on cached frozen-backbone features when there are some."""
     p = config.parse("model", params, config.TrainingParams)
     bundle, history, summary = workflow.train(image_array, split_index, p, p.checkpoint_dir, preprocessing,
                                               features=backbone_features if backbone_features.size else None)
     return bundle, pd.DataFrame(history), summary
 
 
-def calibrate_threshold(trained_model: dict, image_array: np.ndarray, split_index: pd.DataFrame,
+def embed_images(uncalibrated_model: dict, image_array: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """Every image's embedding (row i = image i), computed once per trained model."""
+    p = config.parse("model", params, config.TrainingParams)
+    return workflow.embed_all(uncalibrated_model, image_array, device=p.device, batch_size=p.eval_batch_size)
+
+
+def embed_cached_features(uncalibrated_model: dict, image_array: np.ndarray, backbone_features: np.ndarray,
+                          params: dict[str, Any]) -> np.ndarray:
+    """Every image's embedding from the cached backbone features (frozen mode: the backbone does not run again)."""
+    p = config.parse("model", params, config.TrainingParams)
+    return workflow.embed_all(uncalibrated_model, image_array, backbone_features, device=p.device,
+                              batch_size=p.eval_batch_size)
+
+
+def calibrate_threshold(uncalibrated_model: dict, embeddings: np.ndarray, split_index: pd.DataFrame,
                         params: dict[str, Any]) -> tuple[dict, pd.DataFrame, Figure, Figure]:
     """Choose the pair threshold on training pairs and store it in the model; plot distances and curves."""
     p = config.parse("model", params, config.TrainingParams)
-    model, curve, dist, same = workflow.calibrate_threshold(trained_model, image_array, split_index, p)
-    return (model, curve, plots.pair_distance_histogram(dist, same, model["threshold"]),
-            plots.threshold_curves(curve, model["threshold"]))
+    model, sweep, dist, same = workflow.calibrate_threshold(uncalibrated_model, embeddings, split_index, p)
+    return (model, sweep, plots.pair_distance_histogram(dist, same, model["threshold"]),
+            plots.threshold_curves(sweep, model["threshold"]))
 
 
-def evaluate_model(model: dict, image_array: np.ndarray, split_index: pd.DataFrame, history: pd.DataFrame,
-                   summary: dict, params: dict[str, Any]) -> tuple[dict, dict, Figure]:
+def evaluate_model(model: dict, embeddings: np.ndarray, split_index: pd.DataFrame, history: pd.DataFrame,
+                   summary: dict, params: dict[str, Any]) -> tuple[dict, Figure]:
     """Score the model (closed set, open set, pairs) and merge training facts into metrics.json."""
     p = config.parse("model", params, config.TrainingParams)
-    metrics = workflow.evaluate(model, image_array, split_index, p)
+    metrics = workflow.evaluate(model, embeddings, split_index, p)
     metrics.update({"epochs": int(summary["epochs_run"]), "best_epoch": int(summary["best_epoch"]),
                     "train_images_per_second": float(summary["images_per_second"]), "device": summary["device"],
                     "train_wall_seconds": float(summary["wall_seconds"])})
     if summary.get("gpu_name"):
         metrics.update({"gpu_name": summary["gpu_name"], "gpu_peak_memory_mb": summary["gpu_peak_memory_mb"]})
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    records = history.to_dict("records")
-    mlflow_metrics = {**as_mlflow_metrics({k: v for k, v in metrics.items() if v is not None}),
-                      **history_as_mlflow_metrics(records, ["train_loss", "val_score", "images_per_second"])}
     json.dumps(metrics)  # fail here, not half-way through saving, if anything is not JSON
-    return metrics, mlflow_metrics, plots.loss_curves(records)
+    return metrics, plots.loss_curves(history.to_dict("records"))
+
+
+def index_gallery(model: dict, embeddings: np.ndarray, split_index: pd.DataFrame,
+                  index_params: dict[str, Any] | None) -> GalleryIndex:
+    """The search index of the training source's catalogue: every photo's embedding with its part name, file
+    path and content hash (the served model searches it; ``search_index`` builds one for any other source)."""
+    keep = split_index["split"].isin(GALLERY_SPLITS).to_numpy()
+    rows = split_index.loc[keep]
+    return GalleryIndex(np.asarray(embeddings)[keep], rows["label"].astype(str).tolist(),
+                        ids=rows["path"].astype(str).tolist(), distance=model.get("distance", "euclidean"),
+                        config=IndexConfig.from_dict(index_params),
+                        metadata=rows[["path", "sha256"]].reset_index(drop=True))

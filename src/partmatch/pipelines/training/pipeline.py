@@ -4,26 +4,54 @@ from kedro.pipeline import Node, Pipeline
 
 from partmatch.config import MODEL_PIPELINES
 
-from .nodes import cache_backbone_features, calibrate_threshold, evaluate_model, train_model
+from .nodes import (
+    cache_backbone_features,
+    calibrate_threshold,
+    embed_cached_features,
+    embed_images,
+    evaluate_model,
+    index_gallery,
+    train_model,
+    train_model_on_features,
+)
 
 SHARED_INPUTS = {"image_array", "split_index"}
+# models whose pipeline caches frozen pretrained-backbone features (train_mode: frozen): only these show the
+# cache node and the backbone_features dataset
+FEATURE_CACHING_MODELS = ("siamese_pretrained",)
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    """The template: (cache frozen features) -> train -> calibrate the pair threshold -> evaluate."""
-    return Pipeline(
-        [
+def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
+    """The template: (cache frozen features) -> train -> embed every image once -> calibrate the pair threshold
+    -> evaluate; the embeddings also become the gallery index the served model searches."""
+    if cached_features:
+        head = [
             Node(cache_backbone_features, ["image_array", "params:model"], "backbone_features",
                  name="cache_backbone_features"),
-            Node(train_model, ["image_array", "backbone_features", "split_index", "params:model",
-                               "params:preprocessing"],
-                 ["trained_model", "training_history", "training_summary"], name="train_model"),
-            Node(calibrate_threshold, ["trained_model", "image_array", "split_index", "params:model"],
-                 ["model", "threshold_curve", "pair_distance_histogram", "threshold_curves"],
+            Node(train_model_on_features, ["image_array", "backbone_features", "split_index", "params:model",
+                                           "params:preprocessing"],
+                 ["uncalibrated_model", "training_history", "training_summary"], name="train_model"),
+            Node(embed_cached_features, ["uncalibrated_model", "image_array", "backbone_features", "params:model"],
+                 "embeddings", name="embed_images"),
+        ]
+    else:
+        head = [
+            Node(train_model, ["image_array", "split_index", "params:model", "params:preprocessing"],
+                 ["uncalibrated_model", "training_history", "training_summary"], name="train_model"),
+            Node(embed_images, ["uncalibrated_model", "image_array", "params:model"], "embeddings",
+                 name="embed_images"),
+        ]
+    return Pipeline(
+        [
+            *head,
+            Node(calibrate_threshold, ["uncalibrated_model", "embeddings", "split_index", "params:model"],
+                 ["model", "threshold_sweep", "pair_distance_histogram", "threshold_curves"],
                  name="calibrate_threshold"),
-            Node(evaluate_model, ["model", "image_array", "split_index", "training_history", "training_summary",
+            Node(evaluate_model, ["model", "embeddings", "split_index", "training_history", "training_summary",
                                   "params:model"],
-                 ["metrics", "mlflow_metrics", "loss_curves"], name="evaluate_model"),
+                 ["metrics", "loss_curves"], name="evaluate_model"),
+            Node(index_gallery, ["model", "embeddings", "split_index", "params:search.index"], "gallery_index",
+                 name="index_gallery"),
         ]
     )
 
@@ -31,10 +59,11 @@ def create_pipeline(**kwargs) -> Pipeline:
 def create_model_pipeline(name: str) -> Pipeline:
     """The template under namespace ``name``; hyper-parameters come from ``params:<name>``."""
     return Pipeline(
-        create_pipeline(),
+        create_pipeline(cached_features=name in FEATURE_CACHING_MODELS),
         namespace=name,
         inputs=SHARED_INPUTS,
-        parameters={"params:model": f"params:{name}", "params:preprocessing": "params:preprocessing"},
+        parameters={"params:model": f"params:{name}", "params:preprocessing": "params:preprocessing",
+                    "params:search.index": "params:search.index"},
         tags=["training", name],
     )
 
