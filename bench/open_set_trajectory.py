@@ -23,6 +23,7 @@ from partmatch.config import TrainingParams
 from partmatch.ml import evaluation, workflow
 from partmatch.ml.data import InMemoryImages
 from partmatch.ml.engine import fit, seed_everything
+from partmatch.ml.inference import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,7 @@ def main() -> None:
     epoch = [0]
 
     def report(_model=None) -> float:
-        emb = evaluation.embed_images(model, images, batch_size=256, device="cpu", mean=mean, std=std,
-                                      rows=np.concatenate([train, val, unseen]))
+        emb = Embedder.for_model(model, mean, std).embed(images, np.concatenate([train, val, unseen]))
         e_train, e_val, e_open = emb[:len(train)], emb[len(train):len(train) + len(val)], emb[len(train) + len(val):]
         v = evaluation.retrieval_metrics(e_val, y[val], e_train, y[train], k_values=(1,))["precision_at_1"]
         o = evaluation.retrieval_metrics(e_open, codes[unseen], prefix="open_set_")

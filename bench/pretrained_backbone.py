@@ -123,8 +123,9 @@ def trained(images, index, size: int, params: dict, epochs: int | None = None) -
     feats = features(images, p)
     bundle, history, summary = workflow.train(images, index, p, None, {"image_size": size},
                                               features=feats if feats.size else None)
-    bundle, *_ = workflow.calibrate_threshold(bundle, images, index, p)
-    metrics = workflow.evaluate(bundle, images, index, p)
+    emb = workflow.embed_all(bundle, images, feats if feats.size else None, device="cpu")
+    bundle, *_ = workflow.calibrate_threshold(bundle, emb, index, p)
+    metrics = workflow.evaluate(bundle, emb, index, p)
     return {**metrics, "train_images_per_second": summary["images_per_second"], "epochs": summary["epochs_run"],
             "best_epoch": summary["best_epoch"], "seconds": time.perf_counter() - t0}
 
