@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from partmatch.pipelines.evaluate.nodes import evaluate_source, model_preprocessing
-from partmatch.pipelines.training.nodes import calibrate_threshold, train_model
+from partmatch.pipelines.training.nodes import calibrate_threshold, embed_images, train_model
 from tests.pipelines.test_training import params, tiny_set
 
 
@@ -13,8 +13,8 @@ from tests.pipelines.test_training import params, tiny_set
 def model():
     images, index = tiny_set()
     p = params(epochs=1)
-    bundle = train_model(images, np.zeros((0, 0), np.float32), index, p, {"image_size": 16, "color_mode": "grayscale"})[0]
-    return calibrate_threshold(bundle, images, index, p)[0]
+    bundle = train_model(images, index, p, {"image_size": 16, "color_mode": "grayscale"})[0]
+    return calibrate_threshold(bundle, embed_images(bundle, images, p), index, p)[0]
 
 
 def test_model_preprocessing_overrides_the_current_settings(model):
