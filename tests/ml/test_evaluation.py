@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from partmatch.ml import evaluation as E
+from partmatch.ml.retrieval import GalleryIndex
 
 RETRIEVAL_KEYS = ["precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_2", "recall_at_4",
                   "recall_at_8", "knn_accuracy"]
@@ -31,12 +32,13 @@ def clusters(n_classes: int = 3, per_class: int = 6, dim: int = 4, spread: float
 # ------------------------------------------------------------------------ brute-force reference metrics
 
 
-def reference_retrieval(q, ql, g=None, gl=None, k_values=(1, 2, 4, 8)):
+def reference_retrieval(q, ql, g=None, gl=None, k_values=(1, 2, 4, 8), metric="euclidean"):
     """Plain numpy definitions (no faiss, no PML) for cross-checking; assumes distinct distances."""
     loo = g is None
     if loo:
         g, gl = q, ql
-    d = ((q[:, None, :].astype(np.float64) - g[None, :, :]) ** 2).sum(-1)
+    diff = q[:, None, :].astype(np.float64) - g[None, :, :]
+    d = np.abs(diff).sum(-1) if metric == "manhattan" else (diff**2).sum(-1)
     if loo:
         np.fill_diagonal(d, np.inf)
     order = np.argsort(d, axis=1, kind="stable")
@@ -208,7 +210,7 @@ def test_cosine_distance_differs_from_euclidean():
     assert E.retrieval_metrics(query, [0], gallery, gl)["precision_at_1"] == 0.0
     assert E.retrieval_metrics(query, [0], gallery, gl, distance="cosine")["precision_at_1"] == 1.0
     with pytest.raises(ValueError, match="distance"):
-        E.retrieval_metrics(query, [0], gallery, gl, distance="manhattan")
+        E.retrieval_metrics(query, [0], gallery, gl, distance="chebyshev")
 
 
 def test_retrieval_input_errors_name_the_argument():
@@ -483,3 +485,138 @@ def test_cosine_pair_distances_and_scale_invariant_evaluation():
     kw["distance"] = "euclidean"
     assert E.evaluate_embeddings(train, ytr, test, yte, **kw)["pair_accuracy"] == 1.0
     assert E.evaluate_embeddings(train, ytr, test * scale, yte, **kw)["pair_accuracy"] < 0.8
+
+
+# ------------------------------------------------------------------ search through GalleryIndex, manhattan
+
+
+class OldFaissKNN:
+    """The knn_func retrieval_metrics used before GalleryIndex: PML's FaissKNN (IndexFlatL2) on embeddings
+    L2-normalised beforehand for cosine."""
+
+    def __init__(self, distance="euclidean"):
+        from pytorch_metric_learning.utils.inference import FaissKNN
+
+        self.inner, self.distance = FaissKNN(), distance
+        self.distances = self.indices = None
+
+    def __call__(self, query, k, reference=None, ref_includes_query=False):
+        if self.distance == "cosine":
+            query = torch.nn.functional.normalize(query, dim=1)
+            reference = query if reference is None or ref_includes_query else \
+                torch.nn.functional.normalize(reference, dim=1)
+        self.distances, self.indices = self.inner(query, k, reference, ref_includes_query)
+        return self.distances, self.indices
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("loo", [True, False])
+def test_gallery_index_search_gives_the_old_faiss_metrics(monkeypatch, distance, loo):
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(12, 16))
+    yq = rng.integers(0, 12, 150)
+    q = (centres[yq] + rng.normal(scale=1.1, size=(150, 16))).astype(np.float32)
+    yg = rng.integers(0, 12, 400)
+    g = (centres[yg] + rng.normal(scale=1.1, size=(400, 16))).astype(np.float32)
+    args = (q, yq) if loo else (q, yq, g, yg)
+    new = E.retrieval_metrics(*args, distance=distance, k_values=(1, 2, 4, 8, 16))
+    seen = []
+    monkeypatch.setattr(E, "_RecordingKNN", lambda d: seen.append(d) or OldFaissKNN(d))
+    old = E.retrieval_metrics(*args, distance=distance, k_values=(1, 2, 4, 8, 16))
+    assert seen == [distance]  # the old path really ran
+    assert 0.2 < new["precision_at_1"] < 0.95  # non-trivial
+    assert new == old
+
+
+def test_recording_knn_is_the_gallery_index_search():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    knn = E._RecordingKNN("manhattan")
+    d, i = knn(torch.from_numpy(x[:7]), 4, torch.from_numpy(x), ref_includes_query=False)
+    res = GalleryIndex(x, np.zeros(40), distance="manhattan").search(x[:7], 4)
+    np.testing.assert_array_equal(i.numpy(), res.positions)
+    np.testing.assert_array_equal(d.numpy(), res.distances)
+    # leave-one-out: the query's own row never appears, k neighbours remain
+    _, i_loo = knn(torch.from_numpy(x), 4, torch.from_numpy(x), ref_includes_query=True)
+    assert i_loo.shape == (40, 4)
+    assert not (i_loo.numpy() == np.arange(40)[:, None]).any()
+    brute = np.abs(x[:, None] - x[None]).sum(-1) + np.diag(np.full(40, np.inf))
+    np.testing.assert_array_equal(i_loo.numpy(), np.argsort(brute, axis=1, kind="stable")[:, :4])
+
+
+@pytest.mark.parametrize("loo", [True, False])
+def test_manhattan_retrieval_matches_brute_force(loo):
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(5, 6))
+    yq = np.repeat(np.arange(5), [3, 4, 5, 6, 7])
+    q = (centres[yq] + rng.normal(scale=0.8, size=(len(yq), 6))).astype(np.float32)
+    yg = np.repeat(np.arange(5), [4, 4, 6, 3, 5])
+    g = (centres[yg] + rng.normal(scale=0.8, size=(len(yg), 6))).astype(np.float32)
+    args = (q, yq) if loo else (q, yq, g, yg)
+    res = E.retrieval_metrics(*args, distance="manhattan")
+    ref = reference_retrieval(*args, metric="manhattan")
+    assert 0.2 < res["precision_at_1"] < 1.0
+    for key in RETRIEVAL_KEYS:
+        assert res[key] == pytest.approx(ref[key], abs=1e-9), key
+    # and the L1 ranking differs from the L2 one on this data somewhere
+    assert reference_retrieval(*args) != ref
+
+
+def test_manhattan_pair_distances():
+    emb = np.array([[0.0, 0.0], [3.0, -4.0], [1.0, 1.0]], dtype=np.float32)
+    d = E.pair_distances(emb, [0, 1, 2], [1, 2, 2], distance="manhattan")
+    np.testing.assert_allclose(d, [7.0, 7.0, 0.0])
+
+
+# ------------------------------------------------------------------------------------ open-set rejection
+
+
+def test_open_set_rejection_hand_example():
+    known = np.array([0.1, 0.2, 0.4, 0.9])
+    correct = np.array([True, False, True, True])
+    unknown = np.array([0.3, 0.5, 0.6, 1.0, np.inf])  # inf: an empty gallery never accepts
+    curve, s = E.open_set_rejection(known, correct, unknown, threshold=0.45)
+    # at 0.45: known accepted 0.1, 0.2, 0.4 -> FNMR 1/4; unknown accepted 0.3 -> FMR 1/5
+    assert s["fnmr"] == pytest.approx(0.25) and s["fmr"] == pytest.approx(0.2)
+    assert s["unknown_rejected"] == pytest.approx(0.8)
+    assert s["known_identified"] == pytest.approx(0.5)  # 0.1 and 0.4 are accepted and right
+    assert s["known_misnamed"] == pytest.approx(0.25)  # 0.2 accepted with a wrong name
+    assert s["n_known"] == 4 and s["n_unknown"] == 5
+    assert list(curve.columns) == ["threshold", "fmr", "fnmr", "known_identified", "known_misnamed"]
+    assert len(curve) == 1 + 8  # below everything + 8 distinct finite distances
+    first, last = curve.iloc[0], curve.iloc[-1]
+    assert first["fmr"] == 0.0 and first["fnmr"] == 1.0  # nothing accepted
+    assert last["threshold"] == 1.0 and last["fnmr"] == 0.0 and last["fmr"] == pytest.approx(4 / 5)
+    assert curve["fmr"].is_monotonic_increasing and curve["fnmr"].is_monotonic_decreasing
+    row = curve[curve["threshold"] == 0.4].iloc[0]  # the curve agrees with the point evaluation
+    p = E.open_set_rejection(known, correct, unknown, threshold=0.4)[1]
+    assert (row["fmr"], row["fnmr"], row["known_identified"]) == (p["fmr"], p["fnmr"], p["known_identified"])
+    # EER: at t=0.3 FMR 1/5, FNMR 2/4 ... at t=0.4: FMR 1/5, FNMR 1/4 (gap 0.05, the closest)
+    assert s["eer"] == pytest.approx((0.2 + 0.25) / 2)
+    # 1 % quantile of [0.3, 0.5, 0.6, 1.0] (inf dropped) = 0.3 + 0.03 * 0.2 = 0.306; known >= it: 0.4, 0.9
+    assert s["fnmr_at_fmr_1pct"] == pytest.approx(0.5)
+    none = E.open_set_rejection(known, correct, unknown, threshold=None)[1]
+    assert np.isnan(none["fmr"]) and none["fnmr_at_fmr_1pct"] == s["fnmr_at_fmr_1pct"]
+
+
+def test_fnmr_at_fmr_matches_open_metric_learning_docs():
+    # calc_fnmr_at_fmr docstring: pos [0,0,1,1,2,2,5,5,9,9], neg [3,3,4,4,6,6,7,7,8,8], fmr 0.1 -> 0.4
+    pos = np.array([0, 0, 1, 1, 2, 2, 5, 5, 9, 9], dtype=float)
+    neg = np.array([3, 3, 4, 4, 6, 6, 7, 7, 8, 8], dtype=float)
+    monkey = E.OPEN_SET_FMR_TARGET
+    try:
+        E.OPEN_SET_FMR_TARGET = 0.1
+        assert E.open_set_rejection(pos, np.ones(10, bool), neg, 4.0)[1]["fnmr_at_fmr_1pct"] == pytest.approx(0.4)
+        E.OPEN_SET_FMR_TARGET = 0.5
+        assert E.open_set_rejection(pos, np.ones(10, bool), neg, 4.0)[1]["fnmr_at_fmr_1pct"] == pytest.approx(0.2)
+    finally:
+        E.OPEN_SET_FMR_TARGET = monkey
+
+
+def test_open_set_rejection_input_errors():
+    with pytest.raises(ValueError, match="unknown_nearest"):
+        E.open_set_rejection([0.1], [True], [], 0.5)
+    with pytest.raises(ValueError, match="known_correct"):
+        E.open_set_rejection([0.1, 0.2], [True], [0.3], 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        E.open_set_rejection([0.1], [True], [0.3], float("nan"))

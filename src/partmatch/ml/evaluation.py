@@ -3,14 +3,18 @@
 Every model of the study (Siamese, triplet, ArcFace, plain classifier, ...) is evaluated the same way on
 its embeddings:
 
-* **Retrieval** (:func:`retrieval_metrics`): pytorch-metric-learning's ``AccuracyCalculator`` with an
-  exact faiss kNN (``IndexFlatL2``) gives ``precision_at_1``, ``r_precision`` and ``map_at_r``; recall@k and
+* **Retrieval** (:func:`retrieval_metrics`): pytorch-metric-learning's ``AccuracyCalculator`` with the
+  exact :class:`~partmatch.ml.retrieval.GalleryIndex` search as its ``knn_func`` (the same search as the
+  ``search`` pipelines) gives ``precision_at_1``, ``r_precision`` and ``map_at_r``; recall@k and
   the k-NN vote accuracy are computed here from the *same* kNN result (captured from PML's knn call, no
   second search).
 * **Pair verification** (the original study's Siamese metric): balanced same/different pairs
   (:func:`sample_pairs`), their Euclidean (or cosine) distances (:func:`pair_distances`), an accuracy-maximising
   distance threshold chosen on validation pairs (:func:`choose_threshold`) and the metrics at a fixed
   threshold (:func:`pair_metrics`).
+* **Open-set rejection** (:func:`open_set_rejection`): how often a query of a part absent from the index
+  is wrongly given a known name (FMR) against how often a known part is rejected (FNMR), over thresholds,
+  with FNMR@FMR=1 % and the operating point of the calibrated threshold.
 * :func:`evaluate_embeddings` bundles both for the closed-set test split and the open-set (unseen
   classes) split.
 
@@ -31,9 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from pytorch_metric_learning.utils.inference import FaissKNN
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 from torch import nn
+
+from partmatch.ml.retrieval import GalleryIndex, IndexConfig, check_distance
 
 logger = logging.getLogger(__name__)
 
@@ -176,23 +181,29 @@ def _as_labels(name: str, labels: Any, n: int) -> np.ndarray:
 
 
 class _RecordingKNN:
-    """PML's ``FaissKNN`` (exact ``IndexFlatL2``) that keeps the last result so recall@k and the k-NN
-    vote reuse the neighbours PML searched for."""
+    """PML ``knn_func`` that searches through :class:`~partmatch.ml.retrieval.GalleryIndex` (always exact) and
+    keeps the last result, so recall@k and the k-NN vote reuse the neighbours PML searched for -- and the
+    metrics rank neighbours exactly as the search pipelines do.
 
-    def __init__(self) -> None:
-        self.inner = FaissKNN()
+    PML passes the (raw) embeddings; the index applies ``distance`` (cosine: L2-normalised vectors). With
+    ``ref_includes_query`` (leave-one-out) each query's own row is excluded from its neighbours.
+    """
+
+    def __init__(self, distance: str = "euclidean") -> None:
+        self.distance = distance
         self.distances: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
 
     def __call__(self, query, k, reference=None, ref_includes_query=False):
-        distances, indices = self.inner(query, k, reference, ref_includes_query)
-        self.distances, self.indices = distances, indices
-        return distances, indices
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+        q = query.detach().cpu().numpy().astype(np.float32, copy=False)
+        ref = q if reference is None else reference.detach().cpu().numpy().astype(np.float32, copy=False)
+        config = IndexConfig(exact_max=max(len(ref), IndexConfig().exact_max))  # metrics are always exact
+        index = GalleryIndex(ref, np.zeros(len(ref), dtype=np.int64), distance=self.distance, config=config)
+        exclude = np.arange(len(q)) if ref_includes_query else None
+        result = index.search(q, int(k), exclude_positions=exclude)
+        self.distances = torch.from_numpy(result.distances).to(query.device)
+        self.indices = torch.from_numpy(result.positions).to(query.device)
+        return self.distances, self.indices
 
 
 def _knn_vote(neighbour_labels: np.ndarray) -> np.ndarray:
@@ -218,7 +229,7 @@ def retrieval_metrics(
     """Retrieval metrics of ``query_emb`` against ``gallery_emb`` (or leave-one-out within the queries).
 
     Keys (each with ``prefix`` prepended): ``precision_at_1``, ``r_precision``, ``map_at_r`` (from
-    pytorch-metric-learning's ``AccuracyCalculator``, kNN by faiss), ``recall_at_{k}`` for each ``k`` in
+    pytorch-metric-learning's ``AccuracyCalculator``, kNN by the exact ``GalleryIndex``), ``recall_at_{k}`` for each ``k`` in
     ``k_values`` (fraction of queries with at least one same-class item among their k nearest gallery
     items) and ``knn_accuracy`` (majority vote of the 5 nearest gallery items, ties broken in favour of the
     tied class that occurs nearest).
@@ -228,8 +239,11 @@ def retrieval_metrics(
         gallery_emb, gallery_labels: (Ng, D) / (Ng,). When ``gallery_emb`` is None, each query is
             retrieved against all *other* queries (leave-one-out, PML's ``ref_includes_query=True``);
             the query itself is never counted as its own neighbour.
-        distance: ``"euclidean"`` (L2, default) or ``"cosine"`` (embeddings L2-normalised first, which
-            gives the same ranking as cosine similarity).
+        distance: ``"euclidean"`` (L2, default), ``"cosine"`` (embeddings L2-normalised first, which
+            gives the same ranking as cosine similarity) or ``"manhattan"`` (L1).
+
+    Neighbours are searched by :class:`partmatch.ml.retrieval.GalleryIndex` (exact), handed to PML as its
+    ``knn_func``: the metrics rank neighbours exactly as the search pipelines do.
 
     Which queries count: a query whose class has no other item in the gallery cannot be retrieved and is
     **excluded from every metric** (as PML does) -- in leave-one-out that is every class with a single
@@ -245,8 +259,7 @@ def retrieval_metrics(
             only one of ``gallery_emb`` / ``gallery_labels`` given, unknown ``distance``, ``k_values``
             not positive.
     """
-    if distance not in ("euclidean", "cosine"):
-        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    check_distance(distance)
     k_values = tuple(int(k) for k in k_values)
     if not k_values or any(k < 1 for k in k_values):
         raise ValueError(f"k_values must be positive integers, got {k_values}")
@@ -263,10 +276,6 @@ def retrieval_metrics(
         gl_raw = _as_labels("gallery_labels", gallery_labels, len(g))
         if g.shape[1] != q.shape[1]:
             raise ValueError(f"gallery_emb has dimension {g.shape[1]} but query_emb has {q.shape[1]}")
-    if distance == "cosine":
-        q = _l2_normalize(q)
-        g = q if loo else _l2_normalize(g)
-
     # integer class codes (PML casts labels to float32 tensors, so arbitrary labels must be encoded)
     _, codes = np.unique(np.concatenate([ql_raw, gl_raw]), return_inverse=True)
     ql, gl = codes[: len(ql_raw)].astype(np.int64), codes[len(ql_raw) :].astype(np.int64)
@@ -294,7 +303,7 @@ def retrieval_metrics(
     # then warns that R-precision / MAP@R are wrong although k = R suffices; its "max_bin_count" gives the
     # same k (count - 1) without the spurious warning.
     k_arg: int | str = "max_bin_count" if loo and num_k == int(matches_per_query.max()) else num_k
-    knn = _RecordingKNN()
+    knn = _RecordingKNN(distance)
     calculator = AccuracyCalculator(
         include=tuple(_PML_METRICS),
         k=k_arg,
@@ -308,7 +317,7 @@ def retrieval_metrics(
     out = {f"{prefix}{ours}": float(pml[theirs]) for theirs, ours in _PML_METRICS.items()}
 
     indices = knn.indices.cpu().numpy()
-    if indices.shape != (len(q), num_k) or (indices < 0).any():  # faiss pads with -1 past the gallery
+    if indices.shape != (len(q), num_k) or (indices < 0).any():  # the index pads with -1 past the gallery
         raise RuntimeError(f"unexpected kNN result of shape {indices.shape} (expected {(len(q), num_k)})")
     neighbour_labels = gl[indices][retrievable]
     hits = neighbour_labels == ql[retrievable, None]
@@ -433,10 +442,10 @@ def pair_distances(
 
     ``distance="euclidean"`` (default): plain L2. ``"cosine"``: L2 between the L2-normalised embeddings,
     ``sqrt(2 - 2 cos)`` -- monotone in the cosine distance and the same geometry as
-    ``retrieval_metrics(..., distance="cosine")``.
+    ``retrieval_metrics(..., distance="cosine")``. ``"manhattan"``: L1. These are the units of
+    :class:`partmatch.ml.retrieval.GalleryIndex` search distances.
     """
-    if distance not in ("euclidean", "cosine"):
-        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    check_distance(distance)
     e = emb.detach().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
     if e.ndim != 2:
         raise ValueError(f"emb must be 2-D (N, D), got shape {e.shape}")
@@ -448,6 +457,8 @@ def pair_distances(
         ea = ea / np.maximum(np.linalg.norm(ea, axis=1, keepdims=True), 1e-12)
         eb = eb / np.maximum(np.linalg.norm(eb, axis=1, keepdims=True), 1e-12)
     diff = ea - eb
+    if distance == "manhattan":
+        return np.abs(diff).sum(axis=1)
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
@@ -527,6 +538,103 @@ def pair_metrics(distances: np.ndarray, same: np.ndarray, threshold: float, pref
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
+# ======================================================================================= open-set rejection
+
+OPEN_SET_FMR_TARGET = 0.01  # FNMR is reported at this FMR (1 %), as open-metric-learning's FNMR@FMR
+
+
+def _check_distances(name: str, values: Any) -> np.ndarray:
+    d = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(d) == 0:
+        raise ValueError(f"{name} is empty: open-set rejection needs queries of known and of unknown parts")
+    if np.isnan(d).any():
+        raise ValueError(f"{name} contains NaN distances")
+    return d
+
+
+def open_set_rejection(
+    known_nearest: np.ndarray,
+    known_correct: np.ndarray,
+    unknown_nearest: np.ndarray,
+    threshold: float | None,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Open-set rejection: does a threshold on the nearest distance tell unknown parts from known ones?
+
+    A query is **accepted** (given a known part name) when its nearest gallery distance is ``<= t``, else
+    rejected ("unknown part").
+
+    * FMR(t) (false match rate): share of *unknown-part* queries (their part is absent from the index)
+      accepted -- each gets a wrong name;
+    * FNMR(t) (false non-match rate): share of *known-part* queries rejected (``nearest > t``);
+    * ``known_identified``: share of known-part queries accepted *and* correctly named (``known_correct``,
+      e.g. the vote's name equals the truth) -- the share of known queries that get the right answer;
+    * ``known_misnamed``: share of known-part queries accepted with a wrong name.
+
+    Args:
+        known_nearest: (Nk,) nearest-neighbour distance of each known-part query (+inf allowed: never
+            accepted).
+        known_correct: (Nk,) bool, whether that query's predicted name is right.
+        unknown_nearest: (Nu,) nearest-neighbour distance of each unknown-part query.
+        threshold: the model's calibrated threshold (None: operating-point values are NaN).
+
+    Returns:
+        ``(curve, summary)``. ``curve`` columns ``threshold, fmr, fnmr, known_identified, known_misnamed``,
+        one row per distinct finite distance plus one just below the smallest (nothing accepted), sorted by
+        threshold. ``summary`` (floats): ``threshold``, ``fmr``, ``fnmr``, ``unknown_rejected`` (= 1 - fmr),
+        ``known_identified``, ``known_misnamed`` at ``threshold``; ``fnmr_at_fmr_1pct`` exactly as
+        open-metric-learning's ``calc_fnmr_at_fmr`` (t = the 1 % quantile of the unknown distances, linear
+        interpolation; FNMR = share of known distances ``>= t``); ``eer`` (equal error rate: mean of FMR and
+        FNMR on the curve row where they are closest); ``n_known``, ``n_unknown``.
+    """
+    kd = _check_distances("known_nearest", known_nearest)
+    ud = _check_distances("unknown_nearest", unknown_nearest)
+    kc = np.asarray(known_correct).reshape(-1).astype(bool)
+    if len(kc) != len(kd):
+        raise ValueError(f"known_correct has {len(kc)} entries but known_nearest has {len(kd)}")
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be a finite number or None, got {threshold!r}")
+
+    def at(t: np.ndarray) -> dict[str, np.ndarray]:
+        t = np.asarray(t, dtype=np.float64)
+        k_acc = kd[None, :] <= t[:, None]
+        return {
+            "fmr": (ud[None, :] <= t[:, None]).mean(axis=1),
+            "fnmr": 1.0 - k_acc.mean(axis=1),
+            "known_identified": (k_acc & kc[None, :]).mean(axis=1),
+            "known_misnamed": (k_acc & ~kc[None, :]).mean(axis=1),
+        }
+
+    values = np.unique(np.concatenate([kd, ud]))
+    values = values[np.isfinite(values)]
+    start = np.nextafter(values[0], -np.inf) if len(values) else 0.0
+    thresholds = np.concatenate([[start], values])
+    # sorted counts instead of an (n_thresholds, n) matrix: the curve scales to many queries
+    ks, us = np.sort(kd), np.sort(ud)
+    k_acc = np.searchsorted(ks, thresholds, side="right")
+    order = np.argsort(kd, kind="stable")
+    correct_cum = np.concatenate([[0], np.cumsum(kc[order])])[k_acc]
+    curve = pd.DataFrame({
+        "threshold": thresholds,
+        "fmr": np.searchsorted(us, thresholds, side="right") / len(ud),
+        "fnmr": 1.0 - k_acc / len(kd),
+        "known_identified": correct_cum / len(kd),
+        "known_misnamed": (k_acc - correct_cum) / len(kd),
+    })
+    t_oml = float(np.quantile(ud[np.isfinite(ud)], OPEN_SET_FMR_TARGET)) if np.isfinite(ud).any() else np.inf
+    gap = np.abs(curve["fmr"].to_numpy() - curve["fnmr"].to_numpy())
+    row = int(np.argmin(gap))
+    summary: dict[str, float] = {"threshold": float("nan") if threshold is None else float(threshold)}
+    point = at(np.array([summary["threshold"]])) if threshold is not None else None
+    for key in ("fmr", "fnmr", "known_identified", "known_misnamed"):
+        summary[key] = float(point[key][0]) if point is not None else float("nan")
+    summary["unknown_rejected"] = 1.0 - summary["fmr"]
+    summary["fnmr_at_fmr_1pct"] = float(np.mean(kd >= t_oml))
+    summary["eer"] = float((curve["fmr"].iloc[row] + curve["fnmr"].iloc[row]) / 2)
+    summary["n_known"] = float(len(kd))
+    summary["n_unknown"] = float(len(ud))
+    return curve, summary
+
+
 # ======================================================================================== classification
 
 
@@ -592,8 +700,8 @@ def evaluate_embeddings(
       prefixed ``open_set_``. Skipped (keys absent) when ``open_emb`` is None or empty; if pairs cannot be
       formed in a set (no class with two images, or a single class) its pair keys are NaN.
 
-    ``distance`` ("euclidean" or "cosine") is used for retrieval and pair distances alike; ``threshold``
-    must have been chosen with the same distance. Deterministic for a given ``seed``.
+    ``distance`` ("euclidean", "cosine" or "manhattan") is used for retrieval and pair distances alike;
+    ``threshold`` must have been chosen with the same distance. Deterministic for a given ``seed``.
     """
     out = retrieval_metrics(test_emb, test_labels, train_emb, train_labels, distance=distance)
     out |= _pair_metrics_or_nan(test_emb, test_labels, n_pairs, seed, threshold, distance, prefix="")
@@ -601,13 +709,4 @@ def evaluate_embeddings(
         return out
     out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX, distance=distance)
     out |= _pair_metrics_or_nan(open_emb, open_labels, n_pairs, seed, threshold, distance, prefix=OPEN_SET_PREFIX)
-    return out
-    out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX, distance=distance)
-    try:
-        a, b, same = sample_pairs(open_labels, n_pairs, seed)
-    except ValueError as err:
-        logger.warning("open-set pair metrics skipped: %s", err)
-        out |= {f"{OPEN_SET_PREFIX}{k}": float("nan") for k in PAIR_METRIC_KEYS}
-    else:
-        out |= pair_metrics(pair_distances(open_emb, a, b, distance), same, threshold, prefix=OPEN_SET_PREFIX)
     return out
