@@ -1,8 +1,10 @@
-"""Project hooks."""
+"""Project hooks: parameter validation, one MLflow child run per model, the served model's pinned files."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
@@ -19,3 +21,125 @@ class ParameterValidationHook:
         """Fail fast with the key's dotted name when a parameter has a wrong type or an impossible value."""
         config.validate_all(context.params)
         logger.debug("Parameters validated: %s", sorted(config.SECTIONS))
+
+
+def _model_of(node) -> str | None:
+    """The model pipeline a node belongs to (its top namespace, when that is a model name)."""
+    namespace = getattr(node, "namespace", None)
+    top = namespace.split(".")[0] if namespace else None
+    return top if top in config.MODEL_PIPELINES else None
+
+
+def _short(dataset: str, model: str) -> str:
+    return dataset[len(model) + 1:] if dataset.startswith(model + ".") else dataset
+
+
+class ModelRunsHook:
+    """Each model pipeline of a ``kedro run`` gets its own MLflow run, a child of kedro-mlflow's run.
+
+    In the child run, with unprefixed names: the model's parameters (``params:<model>`` flattened: ``lr``,
+    ``loss``, ``backbone``, ``train_mode``...; other parameters a model node reads keep their section name,
+    e.g. ``preprocessing.image_size``), its metrics (``<model>.metrics``: ``precision_at_1``,
+    ``open_set_map_at_r``...), the per-epoch history (``<model>.training_history``: ``train_loss``... by
+    epoch), its figures and reports as artifacts, and, when the run ends, the trained model logged as the
+    served identification model (MLflow Models, registrable). Tags: ``model``, ``raw_source``,
+    ``mlflow.parentRunId``. The parent run keeps the data pipelines' metrics and the ``compare`` summary.
+
+    kedro-mlflow's hooks run before these (pluggy calls plugin hooks, registered later, first), so the parent
+    run is open in ``before_pipeline_run``; nothing here changes MLflow's active run.
+    """
+
+    def __init__(self) -> None:
+        self.runs = None
+        self.logged_outputs: set[str] = set()
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        import mlflow
+
+        from partmatch.tracking import ModelRuns
+
+        self.runs, self.logged_outputs = None, set()
+        active = mlflow.active_run()
+        if active is None:  # kedro-mlflow is off for this pipeline: nothing to nest under
+            return
+        tags = {"raw_source": self._raw_source(run_params, catalog)}
+        if run_params.get("pipeline_names"):
+            tags["kedro_pipelines"] = ",".join(run_params["pipeline_names"])
+        self.runs = ModelRuns(mlflow.MlflowClient(), active.info.run_id, active.info.experiment_id, tags)
+
+    @staticmethod
+    def _raw_source(run_params: dict[str, Any], catalog) -> str:
+        try:
+            path = catalog["raw_images"]._describe()["path"]
+        except Exception:  # noqa: BLE001 - a catalog without the raw source: fall back on the runtime parameter
+            path = (run_params.get("runtime_params") or {}).get("raw_source", "")
+        return str(Path(path).resolve()) if path else "unknown"
+
+    @hook_impl
+    def before_node_run(self, node, inputs: dict[str, Any]) -> None:
+        model = _model_of(node)
+        if self.runs is None or model is None:
+            return
+        params = {}
+        for name, value in inputs.items():
+            if name == f"params:{model}" and isinstance(value, dict):
+                params.update(value)
+            elif name.startswith("params:"):
+                params[name[len("params:"):]] = value
+        self.runs.run_id(model)
+        if params:
+            self.runs.log_params(model, params)
+
+    @hook_impl
+    def after_node_run(self, node, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        model = _model_of(node)
+        if self.runs is None or model is None:
+            return
+        for name, value in outputs.items():
+            short = _short(name, model)
+            if short == "metrics" and isinstance(value, dict):
+                self.runs.log_metrics(model, value)
+            elif short == "training_history" and hasattr(value, "columns"):
+                self.runs.log_history(model, value)
+            if self.runs.log_output(model, short, value):
+                self.logged_outputs.add(name)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self.runs is None:
+            return
+        from partmatch import serving
+
+        try:
+            for model, run_id in self.runs.run_ids.items():
+                if not {f"{model}.{serving.MODEL_FILE}", f"{model}.{serving.INDEX_FILE}"} <= pipeline.all_outputs():
+                    continue  # this run did not train the model (e.g. only its evaluation was re-run)
+                info = serving.log_identification_model(model, catalog, run_id)
+                logger.info("Model '%s' logged in its MLflow run %s: %s", model, run_id, info.model_uri)
+        finally:
+            self.runs.finish("FINISHED")
+            self.runs = None
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self.runs is not None:
+            self.runs.finish("FAILED")
+            self.runs = None
+
+
+class ServedModelHook:
+    """Before kedro-mlflow logs a ``pipeline_ml_factory`` model, pin its inputs to this run's file versions.
+
+    kedro-mlflow copies each inference input's ``_filepath`` into the model; for a versioned dataset that is the
+    folder of every version on disk. ``tryfirst`` makes this run ahead of kedro-mlflow's ``after_pipeline_run``.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from kedro_mlflow.pipeline.pipeline_ml import PipelineML
+
+        from partmatch import serving
+
+        if isinstance(pipeline, PipelineML):
+            serving.pin_served_inputs(set(pipeline.inference.inputs()), catalog)

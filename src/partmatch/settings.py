@@ -1,9 +1,11 @@
 """Project settings (Kedro defaults unless stated)."""
 
-from partmatch.hooks import ParameterValidationHook
+from partmatch.hooks import ModelRunsHook, ParameterValidationHook, ServedModelHook
 
 # Parameters are validated when the context is created: before kedro-mlflow opens a run, before any node.
-HOOKS = (ParameterValidationHook(),)
+# ModelRunsHook: one MLflow child run per model pipeline (unprefixed metrics/params, figures, logged model).
+# ServedModelHook: pins the served model's files to this run's versions before kedro-mlflow logs it.
+HOOKS = (ParameterValidationHook(), ModelRunsHook(), ServedModelHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
