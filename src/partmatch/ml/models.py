@@ -1,8 +1,9 @@
 """Networks of the study and their successors: a small CNN trunk, an embedding head and a classifier head.
 
 Every model built by :func:`build_model` remembers how it was built (:func:`model_spec`), so a trained model
-is saved as ``{"spec": spec, "state_dict": state_dict}`` with ``torch.save`` and rebuilt with
+is saved as ``{"spec": spec, "state_dict": state_dict, ...}`` with ``torch.save`` and rebuilt with
 ``torch.load(path, weights_only=True)`` + :func:`model_from_spec` — no pickled classes in the file.
+``partmatch.ml.inference.Embedder.from_file`` does that for a saved model and embeds photos with it.
 """
 
 from __future__ import annotations
@@ -246,24 +247,3 @@ def model_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | 
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def save_model(model: nn.Module, path: str) -> None:
-    """Write ``{"spec", "state_dict"}`` atomically (tmp file + ``os.replace``); weights are stored on CPU."""
-    import os  # noqa: PLC0415
-
-    payload = {
-        "spec": model_spec(model),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_model(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a file written by :func:`save_model` (or any ``{"spec", "state_dict"}`` dict) safely."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    return model_from_spec(payload["spec"], payload["state_dict"])
