@@ -7,9 +7,10 @@ the key's dotted name, the value given and the file to fix.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ParameterError(ValueError):
@@ -151,6 +152,69 @@ class CompareParams(_Params):
                                                               "open_set_map_at_r", "pair_accuracy"])
 
 
+class IndexParams(_Params):
+    """How the catalogue index searches (``search.index``; same fields as ``partmatch.ml.retrieval.IndexConfig``)."""
+
+    exact_max: int = Field(50_000, ge=1)
+    approximate: Literal["hnsw", "ivf"] = "hnsw"
+    hnsw_m: int = Field(32, ge=2, le=256)
+    ef_construction: int = Field(80, ge=1)
+    ef_search: int = Field(64, ge=1)
+    nlist: int | None = Field(None, ge=1)
+    nprobe: int = Field(16, ge=1)
+
+
+class SearchParams(_Params):
+    """Catalogue search (pipelines ``search_index``, ``search``, ``search_add``, ``search_remove``, ``search_eval``)."""
+
+    model: str = "siamese_pretrained"
+    catalog: str | None = None
+    query: str | None = None
+    add: str | None = None
+    remove: list[str] = Field(default_factory=list)
+    top_k: int = Field(5, ge=1, le=100)
+    vote_k: int | None = Field(None, ge=1, le=100)
+    threshold: float | None = Field(None, gt=0)
+    min_photos_per_part: int = Field(1, ge=1)
+    device: str = "auto"
+    batch_size: int = Field(256, ge=1)
+    thumbnail_px: int = Field(112, ge=16, le=512)
+    new_part_reference_share: float = Field(0.5, gt=0, lt=1)
+    index: IndexParams = Field(default_factory=IndexParams)
+
+    @field_validator("remove", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        """``"A;B"`` (the CLI splits --params at commas, so use ';') or ``"A,B"`` from YAML, or a list."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [part.strip() for part in re.split(r"[;,]", value) if part.strip()]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODEL_PIPELINES:
+            raise ValueError(f"must be one of the model pipelines {list(MODEL_PIPELINES)}")
+        return value
+
+    @field_validator("vote_k")
+    @classmethod
+    def _vote_within_top_k(cls, value: int | None, info: ValidationInfo) -> int | None:
+        top_k = info.data.get("top_k")
+        if value is not None and top_k is not None and value > top_k:
+            raise ValueError(f"cannot exceed top_k ({top_k}): the vote is over the top-K matches")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in {"auto", "cpu", "cuda", "mps"} and not value.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
 MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained")
 
 SECTIONS: dict[str, type[_Params]] = {
@@ -161,6 +225,7 @@ SECTIONS: dict[str, type[_Params]] = {
     **{name: TrainingParams for name in MODEL_PIPELINES},
     "evaluate": EvaluateParams,
     "compare": CompareParams,
+    "search": SearchParams,
 }
 
 PARAMETER_FILES: dict[str, str] = {
@@ -171,6 +236,7 @@ PARAMETER_FILES: dict[str, str] = {
     **{name: f"parameters_{name}.yml" for name in MODEL_PIPELINES},
     "evaluate": "parameters_evaluate.yml",
     "compare": "parameters_compare.yml",
+    "search": "parameters_search.yml",
 }
 
 
