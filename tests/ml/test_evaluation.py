@@ -620,3 +620,20 @@ def test_open_set_rejection_input_errors():
         E.open_set_rejection([0.1, 0.2], [True], [0.3], 0.5)
     with pytest.raises(ValueError, match="threshold"):
         E.open_set_rejection([0.1], [True], [0.3], float("nan"))
+
+
+def test_rejection_curve_figure_draws_the_curve_and_the_operating_point():
+    from partmatch.ml.plots import rejection_curve_figure
+
+    known = np.array([0.1, 0.2, 0.4, 0.9])
+    unknown = np.array([0.3, 0.5, 0.6, 1.0])
+    curve, summary = E.open_set_rejection(known, [True, False, True, True], unknown, threshold=0.45)
+    fig = rejection_curve_figure(curve, 0.45, summary)
+    ax, ax_det = fig.axes
+    fmr_line = ax.get_lines()[0]
+    np.testing.assert_allclose(fmr_line.get_ydata(), curve["fmr"])
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "threshold = 0.450 (FMR 25.0%, FNMR 25.0%)" in legend
+    assert "FNMR@FMR=1 % = 50.0%" in " ".join(t.get_text() for t in ax_det.get_legend().get_texts())
+    with pytest.raises(ValueError, match="fmr"):
+        rejection_curve_figure(curve.drop(columns="fmr"))

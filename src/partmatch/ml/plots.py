@@ -212,3 +212,64 @@ def comparison_bar_chart(table: pd.DataFrame, metrics: list[str], title: str = "
     ax.grid(axis="y", alpha=0.3)
     ax.axhline(0, color="black", linewidth=0.6)
     return fig
+
+
+def rejection_curve_figure(
+    curve: pd.DataFrame,
+    threshold: float | None = None,
+    summary: dict | None = None,
+    *,
+    distance_label: str = DISTANCE_LABEL,
+) -> Figure:
+    """Open-set rejection (``curve`` and ``summary`` from :func:`partmatch.ml.evaluation.open_set_rejection`).
+
+    Left: against the nearest-distance threshold, the false match rate (unknown parts given a known name),
+    the false non-match rate (known parts rejected) and the share of known parts correctly named, with the
+    calibrated ``threshold`` marked. Right: FNMR against FMR (log x axis, the trade-off a threshold picks),
+    with FMR = 1 % and the calibrated operating point marked.
+    """
+    needed = ["threshold", "fmr", "fnmr", "known_identified"]
+    missing = [c for c in needed if c not in curve.columns]
+    if missing:
+        raise ValueError(f"curve lacks column(s) {missing}; pass the curve from evaluation.open_set_rejection")
+    if len(curve) == 0:
+        raise ValueError("curve is empty")
+    df = curve.sort_values("threshold")
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax, ax_det = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    ax.plot(df["threshold"], df["fmr"], color=NEGATIVE_COLOR, linewidth=2.0,
+            label="FMR: unknown parts given a known name")
+    ax.plot(df["threshold"], df["fnmr"], color="tab:blue", linewidth=2.0, label="FNMR: known parts rejected")
+    ax.plot(df["threshold"], df["known_identified"], color=POSITIVE_COLOR, linewidth=1.4, linestyle="--",
+            label="known parts correctly named")
+    if threshold is not None and math.isfinite(float(threshold)):
+        t = float(threshold)
+        idx = max(int(np.searchsorted(df["threshold"].to_numpy(), t, side="right")) - 1, 0)
+        fmr, fnmr = float(df["fmr"].iloc[idx]), float(df["fnmr"].iloc[idx])
+        ax.axvline(t, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
+                   label=f"calibrated threshold = {t:.3f} (FMR {fmr:.1%}, FNMR {fnmr:.1%})")
+        ax_det.plot([max(fmr, 1e-4)], [fnmr], marker="o", color=THRESHOLD_COLOR, markersize=7, linestyle="none",
+                    label=f"calibrated threshold (FMR {fmr:.1%}, FNMR {fnmr:.1%})")
+    ax.set_xlabel(f"Threshold on the nearest catalogue distance: {distance_label}\n"
+                  "(query answered 'unknown part' if its nearest distance > threshold)")
+    ax.set_ylabel("Share of queries")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("Open-set rejection vs threshold")
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+    fmr_axis = np.maximum(df["fmr"].to_numpy(dtype=float), 1e-4)  # log axis: FMR 0 drawn at 0.01 %
+    ax_det.step(fmr_axis, df["fnmr"], where="post", color="tab:purple", linewidth=1.8)
+    ax_det.axvline(0.01, color="grey", linestyle=":", linewidth=1.2, label="FMR = 1 %")
+    if summary is not None and "fnmr_at_fmr_1pct" in summary:
+        ax_det.axhline(float(summary["fnmr_at_fmr_1pct"]), color="grey", linestyle="--", linewidth=1.0,
+                       label=f"FNMR@FMR=1 % = {float(summary['fnmr_at_fmr_1pct']):.1%}")
+    ax_det.set_xscale("log")
+    ax_det.set_xlim(1e-4 * 0.8, 1.05)
+    ax_det.set_ylim(-0.02, 1.05)
+    ax_det.set_xlabel("FMR (unknown parts accepted), log scale")
+    ax_det.set_ylabel("FNMR (known parts rejected)")
+    ax_det.set_title("Trade-off: FNMR vs FMR")
+    ax_det.legend(loc="upper right", fontsize=8)
+    ax_det.grid(alpha=0.3, which="both")
+    return fig
