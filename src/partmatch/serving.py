@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 NAME_COLUMN = "name"
-#: Per-request parameters and their defaults. ``threshold`` None = the model's calibrated threshold.
-REQUEST_PARAMS: dict[str, tuple[str, Any]] = {"top_k": ("long", 5), "threshold": ("double", None)}
+#: Per-request parameters and their defaults. A negative ``threshold`` (the default) means the model's calibrated
+#: threshold (not None: kedro-mlflow stores each parameter in a Kedro dataset, which refuses None).
+CALIBRATED = -1.0
+REQUEST_PARAMS: dict[str, tuple[str, Any]] = {"top_k": ("long", 5), "threshold": ("double", CALIBRATED)}
 MODEL_FILE = "model"            # <model>.model -> an Embedder
 INDEX_FILE = "gallery_index"    # <model>.gallery_index -> a GalleryIndex
 # What the served model needs installed (partmatch itself too: serve with --env-manager local in its venv).
@@ -100,6 +102,9 @@ class ServedFile(AbstractDataset[Any, None]):
     def save(self, data: Any) -> None:
         raise NotImplementedError(f"ServedFile {self._filepath} is read-only")
 
+    def _exists(self) -> bool:
+        return Path(str(self._filepath)).is_file()
+
 
 def signature() -> ModelSignature:
     """Input: ``image`` (binary, base64 in JSON) and optional ``name``; params ``top_k`` and ``threshold``."""
@@ -157,14 +162,29 @@ def served_catalog(model: str, catalog: DataCatalog) -> DataCatalog:
     return served
 
 
+class _NoReplacingWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Replacing dataset")
+
+
 def pin_served_inputs(inference_inputs: set[str], catalog: DataCatalog) -> None:
     """Before kedro-mlflow logs a PipelineML: pin its file inputs to one version and give it the request params."""
+    replaced = {}
     for name in inference_inputs:
         if name.endswith(f".{MODEL_FILE}") or name.endswith(f".{INDEX_FILE}"):
             kind = MODEL_FILE if name.endswith(f".{MODEL_FILE}") else INDEX_FILE
-            catalog[name] = ServedFile(filepath=_resolved_file(catalog[name]), kind=kind)
+            replaced[name] = ServedFile(filepath=_resolved_file(catalog[name]), kind=kind)
+            logger.info("Served model: '%s' is %s", name, replaced[name]._filepath)
         elif name.startswith("params:") and name[len("params:"):] in REQUEST_PARAMS:
-            catalog[name] = MemoryDataset(REQUEST_PARAMS[name[len("params:"):]][1])
+            replaced[name] = MemoryDataset(REQUEST_PARAMS[name[len("params:"):]][1])
+    quiet = _NoReplacingWarning()  # Kedro warns on every replaced entry; these replacements are the point
+    catalog_logger = logging.getLogger("kedro.io.data_catalog")
+    catalog_logger.addFilter(quiet)
+    try:
+        for name, dataset in replaced.items():
+            catalog[name] = dataset
+    finally:
+        catalog_logger.removeFilter(quiet)
 
 
 def log_identification_model(model: str, catalog: DataCatalog, run_id: str):

@@ -102,13 +102,16 @@ def search_catalogue(query_embeddings: np.ndarray, gallery_index: Any, top_k: An
 def identify_photos(query_table: pd.DataFrame, query_errors: list[str | None], query_neighbours: SearchResult,
                     model: Any, top_k: Any, threshold: float | None) -> pd.DataFrame:
     """One row per photo: verdict ("known", "unknown part", or "error" with the reason), part name by
-    distance-weighted vote, confidence, nearest distance, the threshold used and the top-K matches."""
+    distance-weighted vote, confidence, nearest distance, the threshold used and the top-K matches.
+
+    ``threshold``: "unknown part" when the nearest catalogue photo is farther; negative (the default) or None =
+    the model's calibrated threshold."""
     k = min(_top_k(top_k), query_neighbours.distances.shape[1])
-    if threshold is not None and (not isinstance(threshold, int | float) or not math.isfinite(threshold)
-                                  or threshold < 0):
-        raise BadRequest(f"parameter 'threshold' must be a distance >= 0 or null (the model's calibrated "
-                         f"threshold), got {threshold!r}")
-    used = float(threshold) if threshold is not None else _embedder(model).threshold
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                  or math.isnan(threshold)):
+        raise BadRequest(f"parameter 'threshold' must be a distance >= 0, or negative for the model's calibrated "
+                         f"threshold, got {threshold!r}")
+    used = float(threshold) if threshold is not None and threshold >= 0 else _embedder(model).threshold
     votes = identify(query_neighbours, used, k=k)
     rows, answered = [], 0
     for name, err in zip(query_table["name"], query_errors, strict=True):

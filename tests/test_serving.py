@@ -1,0 +1,280 @@
+"""The served model: `kedro run --pipeline=<model>` logs it (kedro-mlflow pipeline_ml_factory); the real
+`mlflow models serve` answers photos with part names, distances and verdicts, and malformed requests with 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from partmatch.demo import generate_demo_catalogue
+from tests.conftest import PROJECT_ROOT, make_photo
+
+MODEL = "siamese_triplet"
+TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
+        "batch_size": 16}
+
+
+def _logged_models(project: Path, run_id: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("partmatch")
+    return [m for m in client.search_logged_models(experiment_ids=[exp.experiment_id])
+            if m.source_run_id == run_id]
+
+
+def _runs(project: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("partmatch")
+    return client.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A throw-away project (as conftest.kedro_project) where `kedro run --pipeline=siamese_triplet` ran once."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    import mlflow
+
+    root = tmp_path_factory.mktemp("serving")
+    catalogue = root / "tiny catalogue"
+    generate_demo_catalogue(catalogue, seed=3, size=64, scale=0.35)
+    project = root / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", ".kedro.yml", ".telemetry"):
+        shutil.copy(PROJECT_ROOT / name, project / name)
+    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+    (project / "conf" / "local").mkdir()
+    (project / "data").mkdir()
+    (project / "conf" / "local" / "mlflow.yml").write_text(
+        f"server:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
+    shutil.copytree(PROJECT_ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        bootstrap_project(project)
+        common = {"raw_source": str(catalogue), "preprocessing": {"image_size": 32}}
+        for names, extra in ((["ingestion", "preprocessing"], {}), ([MODEL], {MODEL: dict(TINY)})):
+            try:
+                with KedroSession.create(project_path=project, runtime_params={**common, **extra}) as session:
+                    session.run(pipeline_names=names)
+            finally:
+                while mlflow.active_run() is not None:
+                    mlflow.end_run()
+    parent = next(r for r in _runs(project) if r.info.run_name == MODEL and "mlflow.parentRunId" not in r.data.tags)
+    child = next(r for r in _runs(project) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    from partmatch.ml.retrieval import GalleryIndex
+
+    index_file = sorted((project / "data" / "06_models" / MODEL / "gallery_index.faissidx").glob("*/*"))[-1]
+    return {"project": project, "catalogue": catalogue, "parent": parent, "child": child,
+            "gallery": GalleryIndex.load(index_file).metadata}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _catalogue_photos(trained, n: int = 2) -> list[tuple[str, str, bytes]]:
+    """(path, part name, bytes) of catalogue photos that are in the gallery index, from different parts."""
+    meta = trained["gallery"].drop_duplicates("label").head(n)
+    return [(p, lab, (trained["catalogue"] / p).read_bytes()) for p, lab in zip(meta["path"], meta["label"])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _request(photos: list[tuple[str, bytes]], params: dict | None = None, column: str = "image") -> bytes:
+    body = {"dataframe_split": {"columns": [column, "name"], "data": [[_b64(b), n] for n, b in photos]}}
+    if params:
+        body["params"] = params
+    return json.dumps(body).encode()
+
+
+def test_signature_and_request_parameters():
+    from partmatch import serving
+
+    sig = serving.signature()
+    assert sig.inputs.input_names() == ["image", "name"] and sig.inputs.required_input_names() == ["image"]
+    assert {p.name: p.default for p in sig.params.params} == {"top_k": 5, "threshold": -1.0}
+    from partmatch.pipeline_registry import register_pipelines
+
+    pipelines = register_pipelines()
+    from kedro_mlflow.pipeline.pipeline_ml import PipelineML
+
+    for model in ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained"):
+        p = pipelines[model]
+        assert isinstance(p, PipelineML) and p.log_model_kwargs["name"] == model
+        assert p.inference.inputs() == {f"{model}.query_images", f"{model}.model", f"{model}.gallery_index",
+                                        "params:top_k", "params:threshold"}
+    assert not isinstance(pipelines["__default__"], PipelineML)   # summed: kedro-mlflow logs no model there
+
+
+def test_bad_requests_raise_400_exceptions_in_process():
+    """Without a server: the checks that make MLflow answer 400 with the message."""
+    from partmatch.pipelines.serving.nodes import read_request
+    from partmatch.serving import BadRequest
+
+    with pytest.raises(BadRequest, match="no 'image' column") as err:
+        read_request(pd.DataFrame({"photo": [b"x"]}))
+    assert err.value.get_http_status_code() == 400
+    with pytest.raises(BadRequest, match="holds no photo"):
+        read_request(pd.DataFrame({"image": []}))
+    table = read_request(pd.DataFrame({"image": [b"a", bytearray(b"b")], "name": ["first", None]}))
+    assert list(table["name"]) == ["first", "1"] and list(table["image"]) == [b"a", b"b"]
+
+
+@pytest.mark.slow
+def test_logged_model_predicts_in_process(trained):
+    """The model in the model's child run, loaded with mlflow.pyfunc: catalogue photos come back as themselves."""
+    import mlflow
+
+    project = trained["project"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (model,) = _logged_models(project, trained["child"].info.run_id)
+    assert model.name == MODEL
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    photos = _catalogue_photos(trained)
+    rows = pd.DataFrame({"image": [b for _, _, b in photos] + [b"not a photo at all"],
+                         "name": [p for p, _, _ in photos] + ["notes.txt"]})
+    out = pyfunc.predict(rows, params={"top_k": 3})
+    assert list(out["name"]) == [p for p, _, _ in photos] + ["notes.txt"]
+    for (path, label, _), (_, row) in zip(photos, out.head(len(photos)).iterrows()):
+        assert row["verdict"] == "known" and row["part"] == label and row["error"] is None
+        assert row["top_items"][0] == path and row["top_distances"][0] == pytest.approx(0, abs=1e-3)
+        assert len(row["top_parts"]) == 3 and row["confidence"] > 0.5
+    bad = out.iloc[-1]
+    assert bad["verdict"] == "error" and bad["part"] is None and bad["error"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="no 'image' column|image"):
+        pyfunc.predict(pd.DataFrame({"photo": [photos[0][2]]}))
+
+
+@pytest.mark.slow
+def test_run_logs_one_version_of_each_file(trained):
+    """The served model in the `kedro run` run holds this run's model.pt and gallery index, not every version."""
+    import mlflow
+
+    project = trained["project"]
+    (model,) = _logged_models(project, trained["parent"].info.run_id)
+    assert model.name == MODEL
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model.model_id}",
+                                                     tracking_uri=f"sqlite:///{project / 'mlflow.db'}"))
+    files = sorted(p.relative_to(local).as_posix() for p in (local / "artifacts").rglob("*") if p.is_file())
+    assert [f.split("/")[-1] for f in files if "params_" not in f] == ["gallery_index.faissidx", "model.pt"] or \
+        sorted(f.split("/")[-1] for f in files if "params_" not in f) == ["gallery_index.faissidx", "model.pt"]
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    params = {p["name"]: p["default"] for p in json.loads(mlmodel["signature"]["params"])}
+    assert params == {"top_k": 5, "threshold": -1.0}
+
+
+@pytest.mark.slow
+def test_served_model_answers_photos_and_rejects_malformed_requests(trained, tmp_path):
+    project = trained["project"]
+    (model,) = _logged_models(project, trained["parent"].info.run_id)
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    log = (tmp_path / "server.log").open("wb")
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", f"models:/{model.model_id}", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, "server exited:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            assert time.monotonic() < deadline, "no /ping answer:\n" + (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+
+        photos = _catalogue_photos(trained)
+        stranger = _png(make_photo(5, size=(70, 50), seed=999))
+        status, body = _post(f"{base}/invocations",
+                             _request([(p, b) for p, _, b in photos] + [("stranger.png", stranger)],
+                                      params={"top_k": 2}))
+        assert status == 200, body
+        answers = json.loads(body)["predictions"]
+        assert [a["name"] for a in answers] == [p for p, _, _ in photos] + ["stranger.png"]
+        for (path, label, _), a in zip(photos, answers):
+            assert a["verdict"] == "known" and a["part"] == label and a["error"] is None
+            assert a["top_items"][0] == path and a["top_parts"][0] == label
+            assert a["top_distances"][0] == pytest.approx(0, abs=1e-3) and len(a["top_parts"]) == 2
+        assert answers[-1]["verdict"] in {"known", "unknown part"} and len(answers[-1]["top_distances"]) == 2
+
+        # threshold per request: 0 rejects anything that is not a catalogue photo itself
+        status, body = _post(f"{base}/invocations", _request([("stranger.png", stranger)], params={"threshold": 0.0}))
+        assert status == 200, body
+        (a,) = json.loads(body)["predictions"]
+        assert a["verdict"] == "unknown part" and a["part"] == "unknown part" and a["threshold"] == 0.0
+
+        # a batch with one unreadable photo: the good one answered, the bad one reported on its row
+        status, body = _post(f"{base}/invocations",
+                             _request([("good", photos[0][2]), ("notes.txt", b"this is text, not a photo")]))
+        assert status == 200, body
+        good, bad = json.loads(body)["predictions"]
+        assert good["part"] == photos[0][1] and bad["verdict"] == "error" and bad["error"]
+
+        # malformed requests: 4xx with a message
+        for what, payload, expect in [
+            ("not an image", _request([("notes.txt", b"this is text, not a photo")]), "could be read"),
+            ("empty photo", _request([("empty.jpg", b"")]), "could be read"),
+            ("wrong column", _request([("p", photos[0][2])], column="photo"), "image"),
+            ("no rows", json.dumps({"dataframe_split": {"columns": ["image"], "data": []}}).encode(), "no photo"),
+            ("bad top_k", _request([("p", photos[0][2])], params={"top_k": 0}), "top_k"),
+            ("empty body", b"", ""),
+        ]:
+            status, body = _post(f"{base}/invocations", payload)
+            assert 400 <= status < 500, f"{what}: {status} {body[:500]}"
+            message = json.loads(body).get("message", "") if body.startswith("{") else body
+            assert message, f"{what}: no message"
+            assert expect in message, f"{what}: {message[:500]}"
+    finally:
+        # the server's uvicorn workers share the process group this test started for it
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
