@@ -37,10 +37,10 @@ def _short(dataset: str, model: str) -> str:
 class ModelRunsHook:
     """Each model pipeline of a ``kedro run`` gets its own MLflow run, a child of kedro-mlflow's run.
 
-    In the child run, with unprefixed names: the model's parameters (``params:<model>`` flattened: ``lr``,
-    ``loss``, ``backbone``, ``train_mode``...; other parameters a model node reads keep their section name,
-    e.g. ``preprocessing.image_size``), its metrics (``<model>.metrics``: ``precision_at_1``,
-    ``open_set_map_at_r``...), the per-epoch history (``<model>.training_history``: ``train_loss``... by
+    In the child run, with unprefixed names: the model's parameters (every field of ``params:<model>`` with
+    its resolved value: ``lr``, ``loss``, ``backbone``, ``train_mode``...; other parameters a model node reads
+    keep their section name, e.g. ``preprocessing.image_size``), its metrics (``<model>.metrics``:
+    ``precision_at_1``, ``open_set_map_at_r``...; its text values such as ``device`` as tags), the per-epoch history (``<model>.training_history``: ``train_loss``... by
     epoch), its figures and reports as artifacts, and, when the run ends, the trained model logged as the
     served identification model (MLflow Models, registrable). Tags: ``model``, ``raw_source``,
     ``mlflow.parentRunId``. The parent run keeps the data pipelines' metrics and the ``compare`` summary.
@@ -84,7 +84,8 @@ class ModelRunsHook:
         params = {}
         for name, value in inputs.items():
             if name == f"params:{model}" and isinstance(value, dict):
-                params.update(value)
+                # every field with its resolved value, so all models' runs have the same columns to compare
+                params.update(config.parse(model, value).model_dump())
             elif name.startswith("params:"):
                 params[name[len("params:"):]] = value
         self.runs.run_id(model)

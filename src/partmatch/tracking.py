@@ -90,14 +90,14 @@ class ModelRuns:
             self._params[model].update(new)
 
     def log_metrics(self, model: str, metrics: Mapping[str, Any], step: int = 0) -> None:
-        """Log the numeric values of a flat dict as metrics; strings (e.g. ``device``) become params."""
-        from mlflow.entities import Metric
+        """Log the numeric values of a flat dict as metrics; strings (e.g. the ``device`` used) become tags."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         numbers = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
-        if numbers:
-            self.client.log_batch(self.run_id(model), metrics=numbers)
-        self.log_params(model, {k: v for k, v in metrics.items() if isinstance(v, str)})
+        texts = [RunTag(k, v[:MAX_PARAM_LENGTH]) for k, v in metrics.items() if isinstance(v, str)]
+        if numbers or texts:
+            self.client.log_batch(self.run_id(model), metrics=numbers, tags=texts)
 
     def log_history(self, model: str, history: pd.DataFrame, step_column: str = "epoch") -> None:
         """Log every numeric column of a per-epoch table as a metric history (step = epoch)."""
