@@ -274,3 +274,37 @@ def test_command_line(tmp_path, capsys):
     assert len(list(out.iterdir())) == len(DEMO_CATEGORIES)
     assert max(Image.open(next((out / "Gear").iterdir())).size) <= 80
     assert demo.main([str(out)]) == 1  # refuses to overwrite
+
+
+# ---------------------------------------------------------------------------------------------------------- search demo
+def test_demo_queries_are_deterministic_and_hold_every_case(tmp_path, strict_truncation):
+    first = demo.generate_demo_queries(tmp_path / "a")
+    demo.generate_demo_queries(tmp_path / "b")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    names = {name for name, _, _ in DEMO_CATEGORIES}
+    truth = first["truth"]
+    assert sum(1 for t in truth.values() if t in names) >= 4                     # known categories
+    assert [t for t in truth.values() if t is not None and t not in names] == [demo.NEW_PART[0]]  # one absent part
+    assert None in truth.values()                                                 # a photo without a known answer
+    undecodable = []
+    for rel in truth:
+        try:
+            with Image.open(tmp_path / "a" / rel) as img:
+                img.load()
+        except OSError:
+            undecodable.append(rel)
+    assert undecodable == ["unreadable.jpg"]
+
+
+def test_demo_new_part_line_is_absent_from_the_catalogue(tmp_path, small):
+    root, _ = small
+    new = demo.generate_demo_new_parts(tmp_path / "new")
+    assert new["label"] == demo.NEW_PART[0] and not (root / demo.NEW_PART[0]).exists()
+    assert len(new["files"]) == demo.NEW_PART_PHOTOS
+    query_hashes = set(_files(tmp_path / "new").values())
+    demo.generate_demo_queries(tmp_path / "q")
+    assert not query_hashes & set(_files(tmp_path / "q").values())  # the query photo is not one of the added ones
+    assert demo.ensure_demo_queries(tmp_path / "q") == tmp_path / "q"  # present: left alone
+    out = demo.ensure_demo_new_parts(tmp_path / "fresh" / "new_parts")
+    assert [p.name for p in out.iterdir()] == [demo.NEW_PART[0]]
+    assert [p.name for p in out.parent.iterdir()] == ["new_parts"], "no temporary folder left behind"

@@ -934,16 +934,21 @@ def _has_content(path: Path) -> bool:
 
 
 def _ensure(out_dir: str | Path, seed: int, size: int, scale: float) -> tuple[Path, dict | None]:
+    return _ensure_generated(out_dir, lambda tmp: generate_demo_catalogue(tmp, seed=seed, size=size, scale=scale))
+
+
+def _ensure_generated(out_dir: str | Path, generate: Callable[[Path], dict]) -> tuple[Path, dict | None]:
+    """Run ``generate(tmp)`` into a hidden temporary sibling and rename it into place, when out_dir is empty."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"demo catalogue path {out} exists and is not a folder")
+        raise NotADirectoryError(f"demo folder path {out} exists and is not a folder")
     if _has_content(out):
         return out, None
     out.parent.mkdir(parents=True, exist_ok=True)
     # A hidden sibling: on the same file system (so the rename is atomic) and skipped by the image source.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        summary = generate_demo_catalogue(tmp, seed=seed, size=size, scale=scale)
+        summary = generate(tmp)
         if out.exists():
             try:
                 out.rmdir()  # empty: replace it with the finished catalogue in one rename
@@ -972,6 +977,77 @@ def ensure_demo_catalogue(out_dir: str | Path, seed: int = 0, size: int = 128, s
     leaves a half catalogue. A folder holding anything but hidden files (``.gitkeep``) is left untouched.
     """
     return _ensure(out_dir, seed, size, scale)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo query photos and a demo "new part line" for the search pipelines
+# --------------------------------------------------------------------------------------------------------------
+# A part line that is NOT in the demo catalogue (its shape kind, "arm", only exists there under the excluded
+# family "Control Arm"): the search answers "unknown part" until its photos are added with search_add.
+NEW_PART = ("Wishbone", "arm")
+# (folder or None for no known answer, file name, category rendered, format). Fresh photos (other random draws
+# than the catalogue's), so a match is never the identical file.
+DEMO_QUERIES: list[tuple[str | None, str, str, str]] = [
+    ("Brake Rotor", "query_1.jpg", "Brake Rotor", "jpeg"),
+    ("Spark Plug", "query_2.jpg", "Spark Plug", "jpeg"),
+    ("Gear", "query_3.png", "Gear", "png_rgba"),
+    ("Oil Filter", "query_4.jpg", "Oil Filter", "jpeg_exif_rotated"),
+    ("Hubcap", "query_5.jpg", "Hubcap", "jpeg"),
+    (NEW_PART[0], "query_6.jpg", NEW_PART[0], "jpeg"),
+    (None, "my photo.jpg", "Coil Spring", "jpeg"),
+    (None, "unreadable.jpg", "Piston", "jpeg_truncated"),
+]
+NEW_PART_PHOTOS = 6
+_QUERY_DRAW, _NEW_PART_DRAW = 50_000, 60_000
+
+
+def _demo_kind(name: str) -> str:
+    kinds = {n: k for n, k, _ in DEMO_CATEGORIES}
+    return NEW_PART[1] if name == NEW_PART[0] else kinds[name]
+
+
+def generate_demo_queries(out_dir: str | Path, seed: int = 0, size: int = 128) -> dict:
+    """Render the demo query photos into out_dir; return ``{"files": [...], "truth": {file: label|None}}``.
+
+    Photos of known demo categories in ``<out_dir>/<Category>/``, one of the absent part line
+    :data:`NEW_PART` (the right answer is "unknown part" until it is added), one photo at the top level
+    (no known answer) and one undecodable file (a truncated JPEG), deterministic like the catalogue.
+    """
+    out = Path(out_dir)
+    truth: dict[str, str | None] = {}
+    for i, (folder, filename, name, fmt) in enumerate(DEMO_QUERIES):
+        rng = _rng(seed, _name_key(name), _QUERY_DRAW + i)
+        photo, alpha = _render_photo(_category_params(name, _demo_kind(name), seed), rng, size)
+        rel = f"{folder}/{filename}" if folder else filename
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(_encode(photo, alpha, fmt, rng))
+        truth[rel] = folder
+    return {"files": list(truth), "truth": truth, "new_part": NEW_PART[0]}
+
+
+def generate_demo_new_parts(out_dir: str | Path, seed: int = 0, size: int = 128) -> dict:
+    """Render a few catalogue photos of the absent part line :data:`NEW_PART` into ``<out_dir>/<name>/``."""
+    name, kind = NEW_PART
+    folder = Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    params = _category_params(name, kind, seed)
+    files = []
+    for i in range(NEW_PART_PHOTOS):
+        rng = _rng(seed, _name_key(name), _NEW_PART_DRAW + i)
+        photo, alpha = _render_photo(params, rng, size)
+        (folder / f"{i:03d}.jpg").write_bytes(_encode(photo, alpha, "jpeg", rng))
+        files.append(f"{name}/{i:03d}.jpg")
+    return {"files": files, "label": name}
+
+
+def ensure_demo_queries(out_dir: str | Path, seed: int = 0, size: int = 128) -> Path:
+    """Render the demo query photos only when out_dir is missing or empty (atomically); return out_dir."""
+    return _ensure_generated(out_dir, lambda tmp: generate_demo_queries(tmp, seed=seed, size=size))[0]
+
+
+def ensure_demo_new_parts(out_dir: str | Path, seed: int = 0, size: int = 128) -> Path:
+    """Render the demo new part line only when out_dir is missing or empty (atomically); return out_dir."""
+    return _ensure_generated(out_dir, lambda tmp: generate_demo_new_parts(tmp, seed=seed, size=size))[0]
 
 
 def main(argv: list[str] | None = None) -> int:

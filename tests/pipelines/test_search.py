@@ -344,7 +344,7 @@ def test_open_set_rejection_and_new_parts_on_the_models_split(bundle):
     json.dumps(metrics)
     with pytest.raises(ValueError, match="No unseen categories"):
         nodes.measure_open_set_rejection(bundle, emb[:18], split_index.iloc[:18], SEARCH)
-    with pytest.raises(ValueError, match="re-run"):
+    with pytest.raises(ValueError, match="Re-run kedro run --pipeline=siamese_pretrained"):
         nodes.measure_open_set_rejection(bundle, emb[:5], split_index, SEARCH)
 
 
@@ -368,7 +368,7 @@ def test_query_dataset_renders_the_demo_queries_when_missing(tmp_path):
 # ---------------------------------------------------------------------------------------------------- Kedro
 def test_search_index_then_search_through_a_kedro_session(kedro_project, catalogue, bundle, tmp_path):
     project = kedro_project.path
-    model_dir = project / "data" / "06_models" / "siamese_pretrained" / "2026-01-01T00.00.00.000Z" / "model.pt"
+    model_dir = project / "data/06_models/siamese_pretrained/model.pt/2026-01-01T00.00.00.000Z/model.pt"
     model_dir.parent.mkdir(parents=True)
     torch.save(bundle, model_dir)
     q = tmp_path / "queries"

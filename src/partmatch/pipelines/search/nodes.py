@@ -373,8 +373,9 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
     voted_known = vote_known["predicted_label"].astype(str).to_numpy() == labels[known_q]
     curve, summary = evaluation.open_set_rejection(res_known.distances[:, 0], voted_known,
                                                    res_unseen.distances[:, 0], threshold)
-    figure = plots.rejection_curve_figure(curve, threshold=threshold, summary=summary,
-                                          title=f"{p.model}: open-set rejection")
+    figure = plots.rejection_curve_figure(curve, threshold=threshold, summary=summary)
+    figure.suptitle(f"{p.model}: open-set rejection ({len(unseen)} photos of {len(set(labels[unseen]))} unseen "
+                    f"parts, {len(known_q)} held-back photos of known parts)")
 
     refs, new_q = _split_new_parts(labels, unseen, p.new_part_reference_share)
     before = res_unseen.distances[:, 0][np.isin(unseen, new_q)] > threshold

@@ -31,7 +31,9 @@ _INDEX_OUT = ["catalogue_index", "catalogue_index_card"]
 
 
 def _namespaced(nodes: list[Node], inputs: dict[str, str] | set[str] | None = None) -> Pipeline:
-    return Pipeline(Pipeline(nodes), namespace="search", inputs=inputs, parameters=_PARAMS, tags=["search"])
+    base = Pipeline(nodes)
+    parameters = {name: target for name, target in _PARAMS.items() if name in base.inputs()}
+    return Pipeline(base, namespace="search", inputs=inputs, parameters=parameters, tags=["search"])
 
 
 def _cleaning_rules() -> Node:
