@@ -69,15 +69,15 @@ def clustered(n: int, dim: int, centres: np.ndarray, basis: np.ndarray, seed: in
     return x, labels
 
 
-def timed(fn, calls: list, budget_s: float) -> np.ndarray:
-    """Seconds per call of fn(arg) for the args in ``calls``, stopping after ``budget_s`` (>= 5 calls)."""
+def timed(fn, calls: list, budget_s: float, min_calls: int) -> np.ndarray:
+    """Seconds per call of fn(arg) for the args in ``calls``, stopping after ``budget_s`` (>= min_calls)."""
     out = []
     start = time.perf_counter()
     for i, arg in enumerate(calls):
         t0 = time.perf_counter()
         fn(arg)
         out.append(time.perf_counter() - t0)
-        if i >= 4 and time.perf_counter() - start > budget_s:
+        if i + 1 >= min_calls and time.perf_counter() - start > budget_s:
             break
     return np.asarray(out)
 
@@ -85,7 +85,8 @@ def timed(fn, calls: list, budget_s: float) -> np.ndarray:
 def measure(kind: str, x: np.ndarray, labels: np.ndarray, queries: np.ndarray, recall_q: np.ndarray,
             args: argparse.Namespace, truth: np.ndarray | None) -> tuple[dict, np.ndarray]:
     n = len(x)
-    config = IndexConfig(exact_max=n) if kind == "exact" else IndexConfig(exact_max=0, approximate=kind)
+    config = IndexConfig(exact_max=n) if kind == "exact" else IndexConfig.from_dict(
+        {"exact_max": 0, "approximate": kind, **args.index_overrides})
     gc.collect()
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -94,9 +95,10 @@ def measure(kind: str, x: np.ndarray, labels: np.ndarray, queries: np.ndarray, r
     grown = max(0, rss_bytes() - rss0)
     assert index.kind == kind, index.kind
     index.search(queries[:BATCH], K)  # warm-up
-    single = timed(lambda i: index.search(queries[i : i + 1], K), list(range(args.single_queries)), args.budget)
+    single = timed(lambda i: index.search(queries[i : i + 1], K), list(range(args.single_queries)), args.budget,
+                   args.min_calls)
     batches = [i * BATCH for i in range(len(queries) // BATCH)]
-    batch = timed(lambda s: index.search(queries[s : s + BATCH], K), batches, args.budget)
+    batch = timed(lambda s: index.search(queries[s : s + BATCH], K), batches, args.budget, args.min_calls)
     found = np.concatenate([index.search(recall_q[s : s + 256], K).positions for s in range(0, len(recall_q), 256)])
     recall = 1.0 if truth is None else float(np.mean([
         len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(found, truth, strict=True)]))
@@ -154,10 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-queries", type=int, default=64 * 20, help="query vectors for the batch timing")
     p.add_argument("--recall-queries", type=int, default=500)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per latency measurement (>= 5 calls)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default: the IndexConfig default)")
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--ef-search", type=int, default=None)
+    p.add_argument("--min-calls", type=int, default=5, help="timed calls per measurement at least")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.index_overrides = {key: val for key, val in
+                            (("nlist", args.nlist), ("nprobe", args.nprobe), ("ef_search", args.ef_search))
+                            if val is not None}
     kinds = [k.strip() for k in args.only.split(",") if k.strip()]
     bad = set(kinds) - {"exact", "hnsw", "ivf"}
     if bad:
@@ -192,16 +201,22 @@ def main(argv: list[str] | None = None) -> int:
                 truth = found
             rows.append(row)
             print(table([r for r in rows if r["n"] == n]).splitlines()[-1], flush=True)
+            if args.out:  # after every row: a run stopped early keeps what it measured
+                write(args.out, args, rows)
         del x, labels
         gc.collect()
+    print("\n" + write(args.out, args, rows), flush=True)
+    return 0
+
+
+def write(path: Path | None, args: argparse.Namespace, rows: list[dict]) -> str:
     text = (f"dim {args.dim}, k {K}, {args.clusters} synthetic clusters (spread {args.spread} along "
             f"{args.intrinsic_dim} directions + {args.noise} isotropic), faiss {faiss.__version__}, "
             f"{args.threads} threads, {os.cpu_count()} CPUs ({platform.machine()})\n\n" + table(rows))
-    print("\n" + text, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -287,6 +287,11 @@ def test_empty_gallery_searches_to_padding_and_identifies_unknown():
     assert (res.positions == -1).all() and np.isinf(res.distances).all()
     out = identify(res, threshold=None)
     assert out["verdict"].tolist() == [UNKNOWN, UNKNOWN] and out["confidence"].tolist() == [0.0, 0.0]
+    # no query at all (e.g. every photo undecodable): empty results, an empty table with the columns
+    none = GalleryIndex(np.eye(3, dtype=np.float32), list("abc")).search(np.zeros((0, 3), np.float32), 2)
+    assert none.positions.shape == (0, 2) and none.distances.shape == (0, 2) and none.ids.shape == (0, 2)
+    table = identify(none, threshold=1.0)
+    assert len(table) == 0 and "answer" in table.columns
 
 
 def test_validation_errors_name_the_argument_and_the_fix():

@@ -400,12 +400,13 @@ class GalleryIndex:
         if self.kind == "exact":
             _, pos = faiss.knn(q, self._vectors, kk, metric=self._metric)
             return pos
-        if self.kind == "hnsw":
-            self._faiss.hnsw.efSearch = max(self.config.ef_search, kk)
+        if self.kind == "hnsw":  # per-call parameters: concurrent searches never see each other's ef
+            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, kk))
+            # faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces `search` with a version
+            # without `params`; the numpy original stays available as `search_numpy`
+            search = getattr(self._faiss, "search_numpy", self._faiss.search)
+            return search(q, kk, params=params)[1]
         _, labels = self._faiss.search(q, kk)
-        if self.kind == "hnsw":
-            self._faiss.hnsw.efSearch = self.config.ef_search
-            return labels
         pos = np.searchsorted(self._keys, labels)
         pos = np.minimum(pos, len(self._keys) - 1)
         return np.where((labels >= 0) & (self._keys[pos] == labels), pos, -1)
@@ -435,7 +436,8 @@ class GalleryIndex:
         approximate HNSW / IVF index. Distances are true distances in ``pair_distances`` units.
 
         Args:
-            queries: (Nq, D) embeddings (or one (D,) vector), from the model the index was built with.
+            queries: (Nq, D) embeddings (or one (D,) vector), from the model the index was built with;
+                Nq = 0 gives (0, k) arrays.
             k: neighbours per query; with more than the gallery holds, rows are padded (+inf, -1, None).
             exclude_ids: optional, one entry per query: an id, a list of ids, or None -- those gallery items
                 are skipped for that query (e.g. the query itself in leave-one-out search). The search then
@@ -448,12 +450,12 @@ class GalleryIndex:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer (neighbours per query), got {k!r}")
         k = int(k)
-        q = self._prepare(_as_matrix("queries", queries, dim=self.dim))
+        q = self._prepare(_as_matrix("queries", queries, dim=self.dim, allow_empty=True))
         nq, n = len(q), len(self)
         excl = self._exclusions(exclude_ids, exclude_positions, nq)
         extra = 0 if excl is None else excl.shape[1]
         kk = min(k + extra, n)
-        if kk == 0:
+        if kk == 0 or nq == 0:
             pos = np.full((nq, 0), -1, dtype=np.int64)
         else:
             pos = self._raw_search(q, kk).astype(np.int64, copy=False)
@@ -640,6 +642,8 @@ class GalleryIndex:
         self._cols = None
         self._faiss, self.kind = None, "exact"
         kind = manifest["kind"]
+        if kind not in KINDS:
+            raise ValueError(f"{source}: unknown index kind {kind!r}; rebuild it with the search_index pipeline")
         if kind in APPROXIMATE_KINDS and faiss_bytes is not None:
             try:
                 index = faiss.deserialize_index(np.frombuffer(faiss_bytes, dtype=np.uint8))
