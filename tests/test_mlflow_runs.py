@@ -53,6 +53,7 @@ def test_each_model_gets_a_child_run_with_unprefixed_names(kedro_project, tmp_pa
     project: Path = kedro_project.path
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("partmatch")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI opens on the runs table
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.info.run_name == "cnn+siamese_triplet+compare"]
     children = {r.data.tags["model"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}

@@ -45,6 +45,9 @@ class ModelRunsHook:
     served identification model (MLflow Models, registrable). Tags: ``model``, ``raw_source``,
     ``mlflow.parentRunId``. The parent run keeps the data pipelines' metrics and the ``compare`` summary.
 
+    The experiment is tagged ``mlflow.experimentKind: custom_model_development`` (unless it has a kind), so
+    MLflow 3's UI opens it on the runs table instead of the GenAI overview.
+
     kedro-mlflow's hooks run before these (pluggy calls plugin hooks, registered later, first), so the parent
     run is open in ``before_pipeline_run``; nothing here changes MLflow's active run.
     """
@@ -57,16 +60,18 @@ class ModelRunsHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         import mlflow
 
-        from partmatch.tracking import ModelRuns
+        from partmatch.tracking import ModelRuns, mark_model_training_experiment
 
         self.runs, self.logged_outputs = None, set()
         active = mlflow.active_run()
         if active is None:  # kedro-mlflow is off for this pipeline: nothing to nest under
             return
+        client = mlflow.MlflowClient()
+        mark_model_training_experiment(client, active.info.experiment_id)
         tags = {"raw_source": self._raw_source(run_params, catalog)}
         if run_params.get("pipeline_names"):
             tags["kedro_pipelines"] = ",".join(run_params["pipeline_names"])
-        self.runs = ModelRuns(mlflow.MlflowClient(), active.info.run_id, active.info.experiment_id, tags)
+        self.runs = ModelRuns(client, active.info.run_id, active.info.experiment_id, tags)
 
     @staticmethod
     def _raw_source(run_params: dict[str, Any], catalog) -> str:

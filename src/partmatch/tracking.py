@@ -19,6 +19,16 @@ import pandas as pd
 
 MAX_PARAM_LENGTH = 6000
 MAX_TABLE_ROWS = 100_000
+# MLflow 3's UI opens an experiment on the GenAI overview unless this experiment tag says it holds model
+# training runs; with it, the experiment opens on the runs table (as #/experiments/<id>/runs does).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training_experiment(client, experiment_id: str) -> None:
+    """Tag the experiment as model training for MLflow's UI, unless someone already chose its kind."""
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
 def as_mlflow_metrics(values: Mapping[str, float], step: int = 0) -> dict[str, dict[str, float]]:
