@@ -159,6 +159,64 @@ def test_bad_requests_raise_400_exceptions_in_process():
     assert list(table["name"]) == ["first", "1"] and list(table["image"]) == [b"a", b"b"]
 
 
+def test_logged_identification_model_predicts_in_process(tmp_path):
+    """Fast: a tiny trained bundle and its gallery index logged with log_identification_model, loaded back with
+    mlflow.pyfunc: each catalogue photo is found as itself; unreadable photos are reported per row."""
+    import mlflow
+    import numpy as np
+    from kedro.io import DataCatalog
+
+    from partmatch import serving
+    from partmatch.config import TrainingParams
+    from partmatch.datasets import GalleryIndexDataset, TorchModelDataset
+    from partmatch.imaging import preprocess_bytes
+    from partmatch.ml import workflow
+    from partmatch.ml.retrieval import GalleryIndex
+
+    blobs, rows = [], []
+    for c in range(4):
+        for i in range(5):
+            blobs.append(_png(make_photo(c, size=(48 + 4 * c, 40), seed=10 * c + i)))
+            rows.append({"path": f"part{c}/{i}.png", "label": f"part{c}", "split": "train" if i < 4 else "val"})
+    index = pd.DataFrame(rows)
+    images = np.stack([preprocess_bytes(b, image_size=32, color_mode="grayscale") for b in blobs])
+    p = TrainingParams(epochs=1, batch_size=8, m_per_class=2, progress=False, threshold_pairs=20, eval_pairs=20,
+                       patience=None, embedding_dim=8, loss="triplet", normalize=True, margin=0.2)
+    bundle, _, _ = workflow.train(images, index, p, None, {"image_size": 32, "color_mode": "grayscale",
+                                                           "background": 255})
+    emb = workflow.embed_all(bundle, images, device="cpu")
+    bundle, *_ = workflow.calibrate_threshold(bundle, emb, index, p)
+    catalog = DataCatalog({"tiny.model": TorchModelDataset(filepath=str(tmp_path / "model.pt")),
+                           "tiny.gallery_index": GalleryIndexDataset(filepath=str(tmp_path / "index.bin"))})
+    catalog.save("tiny.model", bundle)
+    catalog.save("tiny.gallery_index", GalleryIndex(emb, index["label"].tolist(), ids=index["path"].tolist(),
+                                                    distance=bundle.get("distance", "euclidean")))
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    info = serving.log_identification_model("tiny", catalog, run_id)
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    assert pyfunc.metadata.get_params_schema().params[0].name == "top_k"
+
+    out = pyfunc.predict(pd.DataFrame({"image": [blobs[0], blobs[7], b"plain text", b""],
+                                       "name": ["a", "b", "notes.txt", "empty"]}), params={"top_k": 3})
+    assert list(out["name"]) == ["a", "b", "notes.txt", "empty"]
+    for row, path in zip(out.head(2).itertuples(), ["part0/0.png", "part1/2.png"]):
+        assert row.verdict == "known" and row.part == path.split("/")[0] and row.error is None
+        assert row.top_items[0] == path and row.top_distances[0] == pytest.approx(0, abs=1e-4)
+        assert len(row.top_parts) == 3 and row.threshold == pytest.approx(bundle["threshold"])
+    assert list(out["verdict"][2:]) == ["error", "error"] and all(out["error"][2:])
+    # per-request threshold 0: only an exact catalogue photo is known
+    (row,) = pyfunc.predict(pd.DataFrame({"image": [_png(make_photo(9, seed=123))]}),
+                            params={"threshold": 0.0}).itertuples()
+    assert row.verdict == "unknown part" and row.part == "unknown part" and row.name == "0"
+    with pytest.raises(mlflow.exceptions.MlflowException, match="could be read"):
+        pyfunc.predict(pd.DataFrame({"image": [b"not a photo"]}))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="top_k"):
+        pyfunc.predict(pd.DataFrame({"image": [blobs[0]]}), params={"top_k": 0})
+
+
 @pytest.mark.slow
 def test_logged_model_predicts_in_process(trained):
     """The model in the model's child run, loaded with mlflow.pyfunc: catalogue photos come back as themselves."""
