@@ -241,6 +241,11 @@ def test_index_built_with_another_model_is_refused(index, bundle, tmp_path):
     save_jpeg(make_photo(0, seed=1), tmp_path / "q" / "a.jpg")
     with pytest.raises(nodes.IndexMismatchError, match="search_index"):
         nodes.identify_query_photos(other, gallery, card, queries_in(tmp_path / "q"), SEARCH)
+    stale = {**card, "vectors": len(gallery) + 1}  # the card of another index version
+    with pytest.raises(nodes.IndexMismatchError, match="different versions"):
+        nodes.identify_query_photos(bundle, gallery, stale, queries_in(tmp_path / "q"), SEARCH)
+    with pytest.raises(nodes.IndexMismatchError, match="different versions"):
+        nodes.remove_from_catalogue_index(gallery, stale, {**SEARCH, "remove": "Caliper"})
 
 
 def test_html_report_is_self_contained_and_marks_wrong_matches(index, bundle, tmp_path):

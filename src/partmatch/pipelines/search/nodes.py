@@ -114,7 +114,19 @@ def _info(index: GalleryIndex, embedder: Embedder, p: config.SearchParams, finge
             **_info_counts(index), "history": history}
 
 
-def _check_same_model(info: dict, model: dict, p: config.SearchParams) -> str:
+def _check_card(info: dict, index: GalleryIndex) -> None:
+    """The card saved beside the index must describe this very index version."""
+    if info.get("vectors") != len(index):
+        raise IndexMismatchError(
+            f"The catalogue index ({len(index)} photos) and its card ({info.get('vectors')} photos) are different "
+            "versions (search.catalogue_index / search.catalogue_index_card): load matching versions with "
+            "--load-versions, or rebuild: kedro run --pipeline=search_index")
+
+
+def _check_same_model(info: dict, model: dict, p: config.SearchParams, index: GalleryIndex | None = None) -> str:
+    """The index's card must describe this index and this model; returns the model's fingerprint."""
+    if index is not None:
+        _check_card(info, index)
     fingerprint = model_fingerprint(model)
     if info.get("model_fingerprint") != fingerprint:
         raise IndexMismatchError(
@@ -163,7 +175,7 @@ def add_to_catalogue_index(index: GalleryIndex, info: dict[str, Any], model: dic
     """Add new photos (e.g. a part line the model never saw) to the latest index: only they are embedded, the
     model is not retrained. Photos already in the index (same file or same bytes) are skipped."""
     p = config.parse("search", params)
-    fingerprint = _check_same_model(info, model, p)
+    fingerprint = _check_same_model(info, model, p, index)
     meta = index.metadata
     known_ids = set(map(str, index.ids))
     known_hashes = set(meta["sha256"].astype(str)) if "sha256" in meta else set()
@@ -192,6 +204,7 @@ def remove_from_catalogue_index(index: GalleryIndex, info: dict[str, Any],
                                 params: dict[str, Any]) -> tuple[GalleryIndex, dict]:
     """Drop whole part lines (``search.remove``) from the latest index; a name not in it is an error."""
     p = config.parse("search", params)
+    _check_card(info, index)
     if not p.remove:
         raise ValueError('search.remove is empty: name the part(s) to drop, e.g. --params="search.remove=Gear" '
                          '(several separated by ";").')
@@ -225,7 +238,7 @@ def identify_query_photos(model: dict, index: GalleryIndex, info: dict[str, Any]
     A file that cannot be read or decoded gets its reason in ``error``; the other files are still answered.
     """
     p = config.parse("search", params)
-    _check_same_model(info, model, p)
+    _check_same_model(info, model, p, index)
     if len(index) == 0:
         raise ValueError("The catalogue index is empty (every part line removed?): rebuild it with "
                          "kedro run --pipeline=search_index")
@@ -395,6 +408,9 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
         "unseen_queries": int(len(unseen)),
         "known_top1_accuracy": float(top1_known.mean()), "known_vote_accuracy": float(voted_known.mean()),
         **{new: float(summary[old]) for old, new in at_threshold.items()},
+        # operating points a user can pass as search.threshold to trade wrong names for rejections
+        "threshold_at_fmr_1pct": float(np.quantile(res_unseen.distances[:, 0], 0.01)),
+        "threshold_at_eer": float(curve["threshold"].iloc[int(np.argmin(np.abs(curve["fmr"] - curve["fnmr"])))]),
         "new_parts_reference_photos": int(len(refs)), "new_parts_queries": int(len(new_q)),
         "known_top1_accuracy_after_adding": float((res_known_after.labels[:, 0].astype(str) == labels[known_q]).mean()),
     }
