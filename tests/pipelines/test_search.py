@@ -403,3 +403,14 @@ def test_search_index_then_search_through_a_kedro_session(kedro_project, catalog
     versions = sorted((project / "data/06_models/search/catalogue_index.faissidx").glob("*/*.faissidx"))
     assert len(versions) == 3 and len(GalleryIndex.from_bytes(versions[-1].read_bytes())) == 15
     assert model_dir.read_bytes() == model_bytes
+
+
+def test_nothing_built_yet_names_the_command_to_run(tmp_path):
+    from kedro.io.core import DatasetError, Version
+
+    from partmatch.pipelines.search.datasets import CatalogueIndexDataset, SearchModelDataset
+
+    with pytest.raises(DatasetError, match="kedro run --pipeline=siamese_triplet"):
+        SearchModelDataset(filepath=str(tmp_path / "06_models/siamese_triplet/model.pt"), version=Version(None, None)).load()
+    with pytest.raises(DatasetError, match="kedro run --pipeline=search_index"):
+        CatalogueIndexDataset(filepath=str(tmp_path / "index.faissidx"), version=Version(None, None)).load()

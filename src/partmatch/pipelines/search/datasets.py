@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io.core import AbstractDataset, DatasetError
+from kedro.io.core import AbstractDataset, DatasetError, VersionNotFoundError
 
-from partmatch.datasets import ImageSource, ImageSourceDataset
+from partmatch.datasets import GalleryIndexDataset, ImageSource, ImageSourceDataset, TorchModelDataset
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +119,38 @@ class NewPartsSourceDataset(ImageSourceDataset):
                                "sub-folder per part name, or a CSV manifest: kedro run --pipeline=search_add "
                                "--params=search.add=PATH")
         return ImageSourceDataset(path=self._path).load()
+
+
+class _SaysWhatToRun:
+    """Mixin for a versioned dataset: loading before any version exists raises an error naming the command."""
+
+    _what = "version"
+
+    def _fix(self) -> str:
+        raise NotImplementedError
+
+    def load(self) -> Any:
+        try:
+            return super().load()  # type: ignore[misc]
+        except VersionNotFoundError:
+            raise DatasetError(f"No {self._what} yet at {self._filepath}: {self._fix()}") from None  # type: ignore[attr-defined]
+
+
+class SearchModelDataset(_SaysWhatToRun, TorchModelDataset):
+    """``data/06_models/<search.model>/model.pt``; a model never trained is a clear error naming the command."""
+
+    _what = "trained model"
+
+    def _fix(self) -> str:
+        model = PurePosixPath(self._filepath).parent.name
+        return (f"train it first: kedro run --pipeline={model} (or kedro run), or pick a trained model with "
+                "--params=search.model=NAME")
+
+
+class CatalogueIndexDataset(_SaysWhatToRun, GalleryIndexDataset):
+    """The versioned catalogue index; none built yet is a clear error naming the command."""
+
+    _what = "catalogue index"
+
+    def _fix(self) -> str:
+        return "build it first: kedro run --pipeline=search_index (or kedro run), optionally --params=search.catalog=PATH"
