@@ -15,13 +15,14 @@ TINY = {"epochs": 2, "max_batches_per_epoch": 2, "progress": False, "threshold_p
         "batch_size": 16, "patience": None}
 
 
-def test_flatten_and_model_runs_write_by_run_id(tmp_path):
+def test_flatten_and_model_runs_write_by_run_id(tmp_path, monkeypatch):
     """ModelRuns writes to the child run by id; MLflow's active run is left alone."""
     import mlflow
 
+    monkeypatch.chdir(tmp_path)  # MLflow's SQLite store creates ./mlruns for its Default experiment
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": 2}) == {"a.b": 1, "a.c.d": "x", "e": 2}
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.create_experiment("t")
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "mlartifacts").as_uri())
     parent = client.create_run(exp, run_name="kedro run").info.run_id
     runs = ModelRuns(client, parent, exp, {"raw_source": "/photos"})
     runs.log_params("m", {"lr": 0.01, "head": {"dim": 64}})

@@ -159,7 +159,7 @@ def test_bad_requests_raise_400_exceptions_in_process():
     assert list(table["name"]) == ["first", "1"] and list(table["image"]) == [b"a", b"b"]
 
 
-def test_logged_identification_model_predicts_in_process(tmp_path):
+def test_logged_identification_model_predicts_in_process(tmp_path, monkeypatch):
     """Fast: a tiny trained bundle and its gallery index logged with log_identification_model, loaded back with
     mlflow.pyfunc: each catalogue photo is found as itself; unreadable photos are reported per row."""
     import mlflow
@@ -192,9 +192,11 @@ def test_logged_identification_model_predicts_in_process(tmp_path):
     catalog.save("tiny.gallery_index", GalleryIndex(emb, index["label"].tolist(), ids=index["path"].tolist(),
                                                     distance=bundle.get("distance", "euclidean")))
 
+    monkeypatch.chdir(tmp_path)  # MLflow's SQLite store creates ./mlruns for its Default experiment
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
     info = serving.log_identification_model("tiny", catalog, run_id)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     assert pyfunc.metadata.get_params_schema().params[0].name == "top_k"
