@@ -30,7 +30,8 @@ section.unknown{border-left-color:#ef6c00} section.error{border-left-color:#6d4c
 .query{width:var(--px);flex:none} .matches{display:flex;gap:.6rem;flex-wrap:wrap}
 figure{margin:0;width:var(--px);font-size:.8rem} figure img,.noimg{width:var(--px);height:var(--px);object-fit:contain;
   background:#fff;border:3px solid #ccc;border-radius:4px;display:block;box-sizing:border-box}
-.noimg{display:flex;align-items:center;justify-content:center;text-align:center;color:#888;font-size:.75rem;padding:.3rem}
+.noimg{display:flex;align-items:center;justify-content:center;text-align:center;color:#888;font-size:.75rem;
+  padding:.3rem}
 figure.ok img{border-color:#2e7d32} figure.bad img{border-color:#c62828} figure.bad figcaption .name{color:#c62828}
 figcaption{margin-top:.2rem;line-height:1.25;word-break:break-word} .name{font-weight:600}
 .verdict{font-size:1.05rem;font-weight:700;margin:.3rem 0} .unknown .verdict{color:#ef6c00}

@@ -77,7 +77,8 @@ def bundle(tmp_path_factory) -> dict:
                         pretrained=True)
     mean, std = float(np.mean((0.485, 0.456, 0.406))), float(np.mean((0.229, 0.224, 0.225)))
     b = {"spec": model_spec(model), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-         "classes": sorted(CATALOGUE), "preprocessing": {"image_size": 48, "color_mode": "grayscale", "background": 255},
+         "classes": sorted(CATALOGUE),
+         "preprocessing": {"image_size": 48, "color_mode": "grayscale", "background": 255},
          "normalization": {"mean": [mean], "std": [std]}, "distance": "euclidean", "threshold": None}
     emb, _ = Embedder(b).embed_bytes([_jpeg(make_photo(k, seed=100 * k + i)) for k in CATALOGUE.values()
                                       for i in range(PER_PART)])
@@ -116,7 +117,8 @@ def test_search_parameters_are_validated_with_the_dotted_key():
     assert p.remove == ["Brake Disc", "Gear"] and p.index.approximate == "ivf" and p.top_k == 5
     for bad, key in [({"top_k": 0}, "search.top_k"), ({"model": "resnet"}, "search.model"),
                      ({"top_k": 3, "vote_k": 4}, "search.vote_k"), ({"index": {"nprobe": "x"}}, "search.index.nprobe"),
-                     ({"index": {"approximate": "lsh"}}, "search.index.approximate"), ({"threshold": -1}, "search.threshold")]:
+                     ({"index": {"approximate": "lsh"}}, "search.index.approximate"),
+                     ({"threshold": -1}, "search.threshold")]:
         with pytest.raises(ParameterError, match=re.escape(f"'{key}'")) as err:
             config.parse("search", bad)
         assert "parameters_search.yml" in str(err.value)
@@ -195,7 +197,8 @@ def test_known_parts_are_named_and_an_absent_part_is_unknown_at_the_threshold(in
     assert x["nearest_distance"] > bundle["threshold"] == pytest.approx(x["threshold"])
     assert pd.isna(table.loc["no folder.jpg", "true_label"]) and pd.isna(table.loc["no folder.jpg", "correct"])
     # a larger threshold override makes the same query "known" (with the nearest part's name)
-    loose = nodes.identify_query_photos(bundle, gallery, card, queries_in(q / "Wishbone"), {**SEARCH, "threshold": 50.0})
+    loose = nodes.identify_query_photos(bundle, gallery, card, queries_in(q / "Wishbone"),
+                                        {**SEARCH, "threshold": 50.0})
     assert loose.iloc[0]["verdict"] == "known" and loose.iloc[0]["answer"] in CATALOGUE
 
 
@@ -237,7 +240,8 @@ def test_single_file_query_and_missing_query_path(index, bundle, catalogue, tmp_
 
 def test_index_built_with_another_model_is_refused(index, bundle, tmp_path):
     gallery, card = index
-    other = {**bundle, "state_dict": {k: v + 1 if v.is_floating_point() else v for k, v in bundle["state_dict"].items()}}
+    other = {**bundle,
+             "state_dict": {k: v + 1 if v.is_floating_point() else v for k, v in bundle["state_dict"].items()}}
     save_jpeg(make_photo(0, seed=1), tmp_path / "q" / "a.jpg")
     with pytest.raises(nodes.IndexMismatchError, match="search_index"):
         nodes.identify_query_photos(other, gallery, card, queries_in(tmp_path / "q"), SEARCH)
@@ -269,7 +273,8 @@ def test_report_renders_without_pipeline_objects():
                              "confidence": 1.0, "nearest_distance": 2.0, "threshold": 1.0, "correct": None,
                              "expected_answer": None, "match_1_label": "Gear", "match_1_distance": 2.0,
                              "match_1_path": "/nope/g.jpg"}])
-    html = search_report_html(results, {}, {"model": "m"}, top_k=1, reasons={"/nope/g.jpg": "catalogue photo not found"})
+    html = search_report_html(results, {}, {"model": "m"}, top_k=1,
+                              reasons={"/nope/g.jpg": "catalogue photo not found"})
     assert "&lt;script&gt;" in html and "<script>" not in html
     assert "unknown part" in html and "catalogue photo not found" in html
 
@@ -286,7 +291,8 @@ def test_new_part_line_is_unknown_before_add_and_identified_after_without_retrai
 
     new_root = write_new_parts(tmp_path / "new")
     source, clean = cleaned(new_root)
-    bigger, new_card = nodes.add_to_catalogue_index(gallery, card, bundle, source, clean, {**SEARCH, "add": str(new_root)})
+    bigger, new_card = nodes.add_to_catalogue_index(gallery, card, bundle, source, clean,
+                                                    {**SEARCH, "add": str(new_root)})
     assert len(bigger) == 15 + 4 and new_card["parts"] == 4 and new_card["photos_per_part"]["Wishbone"] == 4
     assert new_card["history"][-1]["action"] == "add" and new_card["history"][-1]["new_part_names"] == ["Wishbone"]
     assert new_card["model_fingerprint"] == card["model_fingerprint"]
@@ -304,11 +310,14 @@ def test_add_embeds_only_new_photos_and_skips_what_is_already_indexed(index, bun
     real = Embedder.embed_bytes
     monkeypatch.setattr(Embedder, "embed_bytes", lambda self, blobs: seen.extend(blobs) or real(self, blobs))
     source, clean = cleaned(root)
-    bigger, new_card = nodes.add_to_catalogue_index(gallery, card, bundle, source, clean, SEARCH)
+    params = {**SEARCH, "add": str(root)}
+    bigger, new_card = nodes.add_to_catalogue_index(gallery, card, bundle, source, clean, params)
     assert len(seen) == 2 and len(bigger) == 17
     assert new_card["history"][-1]["skipped_already_indexed"] == 1
-    again, _ = nodes.add_to_catalogue_index(bigger, new_card, bundle, source, clean, SEARCH)  # idempotent
+    again, _ = nodes.add_to_catalogue_index(bigger, new_card, bundle, source, clean, params)  # idempotent
     assert len(again) == 17
+    with pytest.raises(ValueError, match="search.add is not set"):  # never the demo photos by accident
+        nodes.add_to_catalogue_index(bigger, new_card, bundle, source, clean, SEARCH)
 
 
 def test_remove_a_part_line(index, bundle, tmp_path):
@@ -411,6 +420,7 @@ def test_nothing_built_yet_names_the_command_to_run(tmp_path):
     from partmatch.pipelines.search.datasets import CatalogueIndexDataset, SearchModelDataset
 
     with pytest.raises(DatasetError, match="kedro run --pipeline=siamese_triplet"):
-        SearchModelDataset(filepath=str(tmp_path / "06_models/siamese_triplet/model.pt"), version=Version(None, None)).load()
+        SearchModelDataset(filepath=str(tmp_path / "06_models/siamese_triplet/model.pt"),
+                           version=Version(None, None)).load()
     with pytest.raises(DatasetError, match="kedro run --pipeline=search_index"):
         CatalogueIndexDataset(filepath=str(tmp_path / "index.faissidx"), version=Version(None, None)).load()

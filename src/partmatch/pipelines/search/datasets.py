@@ -133,7 +133,8 @@ class _SaysWhatToRun:
         try:
             return super().load()  # type: ignore[misc]
         except VersionNotFoundError:
-            raise DatasetError(f"No {self._what} yet at {self._filepath}: {self._fix()}") from None  # type: ignore[attr-defined]
+            where = self._filepath  # type: ignore[attr-defined]
+            raise DatasetError(f"No {self._what} yet at {where}: {self._fix()}") from None
 
 
 class SearchModelDataset(_SaysWhatToRun, TorchModelDataset):
@@ -153,4 +154,5 @@ class CatalogueIndexDataset(_SaysWhatToRun, GalleryIndexDataset):
     _what = "catalogue index"
 
     def _fix(self) -> str:
-        return "build it first: kedro run --pipeline=search_index (or kedro run), optionally --params=search.catalog=PATH"
+        return ("build it first: kedro run --pipeline=search_index (or kedro run), optionally "
+                "--params=search.catalog=PATH")

@@ -106,6 +106,13 @@ def _vector_metadata(source: ImageSource, rows: pd.DataFrame) -> tuple[list[str]
     return files, meta
 
 
+def _info_counts(index: GalleryIndex) -> dict[str, Any]:
+    """What the index holds: vectors, part names, engine, photos per part."""
+    labels = pd.Series(index.labels, dtype=object)
+    return {"vectors": int(len(index)), "parts": int(labels.nunique()), "kind": index.kind,
+            "photos_per_part": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()}}
+
+
 def _info(index: GalleryIndex, embedder: Embedder, p: config.SearchParams, fingerprint: str,
           history: list[dict]) -> dict[str, Any]:
     """The index's card (saved beside it): which model made the vectors, its threshold, what it holds, history."""
@@ -175,6 +182,10 @@ def add_to_catalogue_index(index: GalleryIndex, info: dict[str, Any], model: dic
     """Add new photos (e.g. a part line the model never saw) to the latest index: only they are embedded, the
     model is not retrained. Photos already in the index (same file or same bytes) are skipped."""
     p = config.parse("search", params)
+    if p.add is None:
+        raise ValueError("search.add is not set: pass the folder (or CSV) of photos to add, e.g. kedro run "
+                         "--pipeline=search_add --params=search.add=PATH (the demo's new part line: "
+                         "search.add=data/01_raw/demo_new_parts).")
     fingerprint = _check_same_model(info, model, p, index)
     meta = index.metadata
     known_ids = set(map(str, index.ids))
@@ -220,12 +231,6 @@ def remove_from_catalogue_index(index: GalleryIndex, info: dict[str, Any],
     new_info = {**info, **_info_counts(index), "history": history}
     logger.info("search_remove: removed %d photo(s) of %s; %d photos left.", removed, p.remove, len(index))
     return index, new_info
-
-
-def _info_counts(index: GalleryIndex) -> dict[str, Any]:
-    labels = pd.Series(index.labels, dtype=object)
-    return {"vectors": int(len(index)), "parts": int(labels.nunique()), "kind": index.kind,
-            "photos_per_part": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()}}
 
 
 # ============================================================================================== search
