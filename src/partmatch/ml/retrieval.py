@@ -492,7 +492,7 @@ class GalleryIndex:
         are not re-trained); crossing ``exact_max`` builds the approximate index.
         """
         emb = _as_matrix("embeddings", embeddings, dim=self.dim)
-        new_meta = self._make_meta(len(emb), labels, ids, metadata, first_default_id=0)
+        new_meta = self._make_meta(len(emb), labels, ids, metadata, first_default_id=self._next_key)
         clash = sorted(set(new_meta["id"]) & set(self._position_of()))
         if clash:
             raise ValueError(
