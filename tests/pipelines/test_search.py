@@ -167,6 +167,19 @@ def test_catalogue_keeps_a_single_photo_part_line_but_training_rules_otherwise(t
     assert "Lonely Part" not in set(strict["label"])
 
 
+def test_a_kaggle_csv_catalogue_is_indexed_with_real_file_paths(tmp_path, bundle):
+    from tests.conftest import write_csv_manifest
+
+    root = write_catalogue(tmp_path / "photos dir" / "train")
+    rows = [(f"train/{p.parent.name}/{p.name}", p.parent.name, "train") for p in sorted(root.rglob("*.jpg"))]
+    csv = write_csv_manifest(tmp_path / "photos dir", rows, name="parts.csv")
+    source, clean = cleaned(csv)
+    gallery, card = nodes.build_catalogue_index(bundle, source, clean, SEARCH)
+    assert len(gallery) == 15 and card["parts"] == 3
+    assert all(Path(f).is_file() for f in gallery.metadata["file"])
+    assert set(gallery.metadata["path"]) == {r[0] for r in rows}
+
+
 # ---------------------------------------------------------------------------------------------------- search
 def test_a_catalogue_photo_as_query_is_found_at_distance_zero(index, catalogue, bundle, tmp_path):
     gallery, card = index
