@@ -599,18 +599,13 @@ def test_open_set_rejection_hand_example():
     assert np.isnan(none["fmr"]) and none["fnmr_at_fmr_1pct"] == s["fnmr_at_fmr_1pct"]
 
 
-def test_fnmr_at_fmr_matches_open_metric_learning_docs():
-    # calc_fnmr_at_fmr docstring: pos [0,0,1,1,2,2,5,5,9,9], neg [3,3,4,4,6,6,7,7,8,8], fmr 0.1 -> 0.4
+def test_fnmr_at_fmr_matches_open_metric_learning_docs(monkeypatch):
+    # calc_fnmr_at_fmr docstring: pos [0,0,1,1,2,2,5,5,9,9], neg [3,3,4,4,6,6,7,7,8,8]: fmr 0.1 -> 0.4, 0.5 -> 0.2
     pos = np.array([0, 0, 1, 1, 2, 2, 5, 5, 9, 9], dtype=float)
     neg = np.array([3, 3, 4, 4, 6, 6, 7, 7, 8, 8], dtype=float)
-    monkey = E.OPEN_SET_FMR_TARGET
-    try:
-        E.OPEN_SET_FMR_TARGET = 0.1
-        assert E.open_set_rejection(pos, np.ones(10, bool), neg, 4.0)[1]["fnmr_at_fmr_1pct"] == pytest.approx(0.4)
-        E.OPEN_SET_FMR_TARGET = 0.5
-        assert E.open_set_rejection(pos, np.ones(10, bool), neg, 4.0)[1]["fnmr_at_fmr_1pct"] == pytest.approx(0.2)
-    finally:
-        E.OPEN_SET_FMR_TARGET = monkey
+    for target, expected in ((0.1, 0.4), (0.5, 0.2)):
+        monkeypatch.setattr(E, "OPEN_SET_FMR_TARGET", target)
+        assert E.open_set_rejection(pos, np.ones(10, bool), neg, 4.0)[1]["fnmr_at_fmr_1pct"] == pytest.approx(expected)
 
 
 def test_open_set_rejection_input_errors():

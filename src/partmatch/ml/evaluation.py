@@ -229,9 +229,9 @@ def retrieval_metrics(
     """Retrieval metrics of ``query_emb`` against ``gallery_emb`` (or leave-one-out within the queries).
 
     Keys (each with ``prefix`` prepended): ``precision_at_1``, ``r_precision``, ``map_at_r`` (from
-    pytorch-metric-learning's ``AccuracyCalculator``, kNN by the exact ``GalleryIndex``), ``recall_at_{k}`` for each ``k`` in
-    ``k_values`` (fraction of queries with at least one same-class item among their k nearest gallery
-    items) and ``knn_accuracy`` (majority vote of the 5 nearest gallery items, ties broken in favour of the
+    pytorch-metric-learning's ``AccuracyCalculator``, kNN by the exact ``GalleryIndex``), ``recall_at_{k}``
+    for each ``k`` in ``k_values`` (fraction of queries with at least one same-class item among their k
+    nearest gallery items) and ``knn_accuracy`` (majority vote of the 5 nearest gallery items, ties broken in favour of the
     tied class that occurs nearest).
 
     Args:
