@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from partmatch.ml import evaluation as E
+from partmatch.ml import inference as I
 from partmatch.ml.retrieval import GalleryIndex
 
 RETRIEVAL_KEYS = ["precision_at_1", "r_precision", "map_at_r", "recall_at_1", "recall_at_2", "recall_at_4",
@@ -363,15 +364,15 @@ def test_embed_images_normalises_batches_and_uses_embed():
     imgs[:, 1] = np.arange(7, dtype=np.uint8)[:, None, None] * 30
     model = MeanEmbedder()
     model.train()
-    emb = E.embed_images(model, imgs, batch_size=3)
+    emb = I.embed_images(model, imgs, batch_size=3)
     assert emb.dtype == np.float32 and emb.shape == (7, 3)
     np.testing.assert_allclose(emb[:, 0], 1.0, atol=1e-6)  # (1 - 0.5) / 0.5
     np.testing.assert_allclose(emb[:, 2], -1.0, atol=1e-6)
     np.testing.assert_allclose(emb[:, 1], (np.arange(7) * 30 / 255 - 0.5) / 0.5, atol=1e-6)
     assert model.seen_training == [False, False, False] and model.seen_grad == [False] * 3
     assert model.training  # mode restored
-    np.testing.assert_array_equal(E.embed_images(model, imgs, batch_size=256), emb)
-    emb_c = E.embed_images(model, imgs, mean=(0.0, 0.5, 1.0), std=(1.0, 0.5, 0.25))
+    np.testing.assert_array_equal(I.embed_images(model, imgs, batch_size=256), emb)
+    emb_c = I.embed_images(model, imgs, mean=(0.0, 0.5, 1.0), std=(1.0, 0.5, 0.25))
     np.testing.assert_allclose(emb_c[:, 0], 1.0, atol=1e-6)
     np.testing.assert_allclose(emb_c[:, 2], -4.0, atol=1e-6)
 
@@ -379,16 +380,16 @@ def test_embed_images_normalises_batches_and_uses_embed():
 def test_embed_images_falls_back_to_forward_and_validates():
     seq = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
     gray = np.random.default_rng(0).integers(0, 256, (4, 4, 4), dtype=np.uint8)  # (N, H, W)
-    emb = E.embed_images(seq, gray)
+    emb = I.embed_images(seq, gray)
     with torch.no_grad():
         ref = seq(torch.from_numpy(gray).float().div(255).sub(0.5).div(0.5)[:, None])
     np.testing.assert_allclose(emb, ref.numpy(), atol=1e-5)
     with pytest.raises(TypeError, match="uint8"):
-        E.embed_images(seq, gray.astype(np.float32))
+        I.embed_images(seq, gray.astype(np.float32))
     with pytest.raises(ValueError, match="images_uint8"):
-        E.embed_images(seq, np.zeros((0, 1, 4, 4), np.uint8))
+        I.embed_images(seq, np.zeros((0, 1, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="mean"):
-        E.embed_images(seq, gray, mean=(0.5, 0.5))
+        I.embed_images(seq, gray, mean=(0.5, 0.5))
 
 
 # ------------------------------------------------------------------------------------------ bundle
@@ -443,10 +444,10 @@ def test_pair_sampling_covers_many_pairs():
 def test_embed_images_rows_select_and_order_without_copying_everything():
     imgs = (np.arange(6, dtype=np.uint8)[:, None, None, None] * 40 * np.ones((6, 1, 2, 2), np.uint8))
     model = MeanEmbedder()
-    full = E.embed_images(model, imgs)
-    sub = E.embed_images(model, imgs, rows=np.array([4, 1, 1]), batch_size=2)
+    full = I.embed_images(model, imgs)
+    sub = I.embed_images(model, imgs, rows=np.array([4, 1, 1]), batch_size=2)
     np.testing.assert_array_equal(sub, full[[4, 1, 1]])
-    empty = E.embed_images(model, imgs, rows=np.array([], dtype=np.int64))
+    empty = I.embed_images(model, imgs, rows=np.array([], dtype=np.int64))
     assert empty.shape == (0, 1) and empty.dtype == np.float32
 
 
@@ -457,12 +458,12 @@ def test_predict_log_probs_normalises_and_feeds_classification_accuracy():
             return torch.stack([-10 * (v + 1).abs(), -10 * v.abs(), -10 * (v - 1).abs()], dim=1)
 
     imgs = np.stack([np.full((1, 3, 3), v, np.uint8) for v in (0, 128, 255, 255)])
-    logp = E.predict_log_probs(Logits(), imgs, batch_size=3)
+    logp = I.predict_log_probs(Logits(), imgs, batch_size=3)
     assert logp.shape == (4, 3) and logp.dtype == np.float32
     np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-5)
     assert logp.argmax(axis=1).tolist() == [0, 1, 2, 2]
     assert E.classification_accuracy(logp, [0, 1, 2, 0]) == 0.75
-    sub = E.predict_log_probs(Logits(), imgs, rows=[2, 0])
+    sub = I.predict_log_probs(Logits(), imgs, rows=[2, 0])
     np.testing.assert_allclose(sub, logp[[2, 0]], atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""Model-independent evaluation: embedding extraction, retrieval metrics, pair verification, accuracy.
+"""Model-independent evaluation of embeddings: retrieval metrics, pair verification, open-set rejection, accuracy.
 
 Every model of the study (Siamese, triplet, ArcFace, plain classifier, ...) is evaluated the same way on
 its embeddings:
@@ -18,8 +18,8 @@ its embeddings:
 * :func:`evaluate_embeddings` bundles both for the closed-set test split and the open-set (unseen
   classes) split.
 
-* :func:`embed_images` / :func:`predict_log_probs` run a model over uint8 images with the training
-  normalisation; :func:`classification_accuracy` scores a classifier.
+* :func:`classification_accuracy` scores a classifier. Embeddings come from ``partmatch.ml.inference``
+  (the one place where images are embedded).
 
 Everything is deterministic for given inputs and seed.
 """
@@ -36,7 +36,6 @@ import pandas as pd
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
-from torch import nn
 
 from partmatch.ml.retrieval import GalleryIndex, IndexConfig, check_distance
 
@@ -53,106 +52,6 @@ _PML_METRICS = {
     "r_precision": "r_precision",
     "mean_average_precision_at_r": "map_at_r",
 }
-
-
-# ============================================================================================ embeddings
-
-
-def _channel_stats(values: Sequence[float] | float, channels: int, name: str) -> torch.Tensor:
-    vals = [float(values)] if isinstance(values, int | float) else [float(v) for v in values]
-    if len(vals) not in (1, channels):
-        raise ValueError(f"{name} has {len(vals)} values but the images have {channels} channel(s)")
-    if name == "std" and any(not v > 0 for v in vals):
-        raise ValueError(f"std must be > 0, got {vals}")
-    return torch.tensor(vals, dtype=torch.float32).view(1, -1, 1, 1)
-
-
-def _run_batches(
-    model: nn.Module,
-    images_uint8: np.ndarray,
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int,
-    device: str | torch.device,
-    mean: Sequence[float],
-    std: Sequence[float],
-    rows: np.ndarray | Sequence[int] | None,
-) -> np.ndarray:
-    """``forward`` over normalised float batches of ``images_uint8[rows]`` in eval / inference mode."""
-    images = images_uint8.numpy() if isinstance(images_uint8, torch.Tensor) else np.asarray(images_uint8)
-    if images.dtype != np.uint8:
-        raise TypeError(f"images_uint8 must have dtype uint8, got {images.dtype}")
-    if images.ndim == 3:
-        images = images[:, None]
-    if images.ndim != 4:
-        raise ValueError(f"images_uint8 must be (N, C, H, W) or (N, H, W), got shape {images.shape}")
-    if len(images) == 0:
-        raise ValueError("images_uint8 is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    index = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-    device = torch.device(device)
-    channels = images.shape[1]
-    m = _channel_stats(mean, channels, "mean").to(device)
-    s = _channel_stats(std, channels, "std").to(device)
-
-    was_training = model.training
-    model.to(device)
-    model.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            # an empty selection still runs one image, so the result has the right width: (0, D)
-            chunks = [index[i : i + batch_size] for i in range(0, len(index), batch_size)] or [np.arange(1)]
-            for idx in chunks:
-                batch = torch.from_numpy(np.ascontiguousarray(images[idx]))
-                x = batch.to(device).float().div_(255.0).sub_(m).div_(s)
-                y = forward(x)
-                out.append(y.reshape(y.shape[0], -1).float().cpu())
-    finally:
-        model.train(was_training)
-    result = torch.cat(out).numpy().astype(np.float32, copy=False)
-    return result[:0] if len(index) == 0 else result
-
-
-def embed_images(
-    model: nn.Module,
-    images_uint8: np.ndarray,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
-    rows: np.ndarray | Sequence[int] | None = None,
-) -> np.ndarray:
-    """Embeddings (N, D) float32 of uint8 images (N, C, H, W) ((N, H, W) is read as grayscale).
-
-    Pixels are scaled to [0, 1] and normalised per channel with ``mean`` / ``std`` (one value, or one per
-    channel), exactly like training batches. The model is moved to ``device`` and run in eval mode under
-    ``torch.inference_mode()``; ``model.embed(x)`` is used when the model has it (e.g. a classifier's
-    pre-logit features), else ``model(x)``. The model's train/eval mode is restored afterwards.
-
-    ``rows`` selects (and orders) the images to embed without copying the whole array; the result then has
-    ``len(rows)`` rows ((0, D) for an empty selection).
-    """
-    forward = model.embed if hasattr(model, "embed") else model
-    return _run_batches(model, images_uint8, forward, batch_size, device, mean, std, rows)
-
-
-def predict_log_probs(
-    model: nn.Module,
-    images_uint8: np.ndarray,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
-    rows: np.ndarray | Sequence[int] | None = None,
-) -> np.ndarray:
-    """Class log-probabilities (N, C) float32 of a classifier: ``log_softmax(model(x))`` (a no-op when the
-    model already returns log-probabilities). Preprocessing, modes and ``rows`` as in :func:`embed_images`."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(model(x).float(), dim=1)
-
-    return _run_batches(model, images_uint8, forward, batch_size, device, mean, std, rows)
 
 
 # ============================================================================================ retrieval
