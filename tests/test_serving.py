@@ -198,7 +198,9 @@ def test_logged_identification_model_predicts_in_process(tmp_path, monkeypatch):
     exp = client.create_experiment("t", artifact_location=(tmp_path / "mlartifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
     info = serving.log_identification_model("tiny", catalog, run_id)
-    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    (logged,) = client.search_logged_models(experiment_ids=[exp])   # in the run's experiment, not Default
+    assert logged.source_run_id == run_id and logged.name == "tiny" and info.model_id == logged.model_id
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/tiny")      # the run's URI resolves to it too
     assert pyfunc.metadata.get_params_schema().params[0].name == "top_k"
 
     out = pyfunc.predict(pd.DataFrame({"image": [blobs[0], blobs[7], b"plain text", b""],

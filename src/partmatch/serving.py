@@ -199,7 +199,14 @@ def log_identification_model(model: str, catalog: DataCatalog, run_id: str):
     served = served_catalog(model, catalog)
     kpm = KedroPipelineModel(pipeline=serving_pipeline.create_pipeline(model), catalog=served,
                              input_name=input_name(model))
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    # Created here so that it belongs to the run's experiment: Model.log(run_id=...) of a run that is not the
+    # active one would file it under the current experiment (Default when none is set).
+    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=model, source_run_id=run_id,
+                                        params={k: v for k, v in run.data.params.items()})
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = kpm.extract_pipeline_artifacts(parameters_saving_folder=Path(tmp))
-        return mlflow.models.Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, python_model=kpm,
-                                       artifacts=artifacts, **log_model_kwargs(model))
+        return mlflow.models.Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id,
+                                       model_id=logged.model_id, python_model=kpm, artifacts=artifacts,
+                                       **log_model_kwargs(model))
