@@ -239,6 +239,20 @@ def test_hostile_query_folder_is_answered_without_losing_the_good_photos(index, 
     assert html.count('class="q error"') == 3 and "empty file" in html and "not an image" in html
 
 
+def test_a_file_that_cannot_be_read_is_an_answer_too(index, bundle, catalogue):
+    from partmatch.pipelines.search.datasets import QueryPhoto, QueryPhotos
+
+    def locked() -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    good = catalogue / "Bracket" / "001.jpg"
+    photos = QueryPhotos("/q", [QueryPhoto("locked.jpg", "/q/locked.jpg", None, locked),
+                                QueryPhoto("good.jpg", str(good), "Bracket", good.read_bytes)])
+    table = nodes.identify_query_photos(bundle, *index, photos, {**SEARCH, "batch_size": 1}).set_index("query")
+    assert table.loc["locked.jpg", "error"].startswith("cannot read file: PermissionError")
+    assert table.loc["good.jpg", "answer"] == "Bracket" and table.loc["good.jpg", "correct"]
+
+
 def test_single_file_query_and_missing_query_path(index, bundle, catalogue, tmp_path):
     gallery, card = index
     photos = queries_in(catalogue / "Bracket" / "001.jpg")

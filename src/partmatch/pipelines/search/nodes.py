@@ -249,18 +249,22 @@ def identify_query_photos(model: dict, index: GalleryIndex, info: dict[str, Any]
                          "kedro run --pipeline=search_index")
     embedder = _embedder(model, p)
     threshold = p.threshold if p.threshold is not None else embedder.threshold
-    blobs, errors = [], []
-    for photo in queries.photos:
-        try:
-            blobs.append(photo.read())
-            errors.append(None)
-        except OSError as exc:
-            blobs.append(None)
-            errors.append(f"cannot read file: {type(exc).__name__}: {exc}")
-    readable = [i for i, e in enumerate(errors) if e is None]
-    emb, decode_errors = embedder.embed_bytes([blobs[i] for i in readable])
-    for i, err in zip(readable, decode_errors, strict=True):
-        errors[i] = err
+    errors: list[str | None] = []
+    chunks = []
+    for start in range(0, len(queries.photos), p.batch_size):  # read and embed in chunks: bounded memory
+        blobs, readable = [], []
+        for photo in queries.photos[start:start + p.batch_size]:
+            try:
+                blobs.append(photo.read())
+                readable.append(len(errors))
+                errors.append(None)
+            except OSError as exc:
+                errors.append(f"cannot read file: {type(exc).__name__}: {exc}")
+        emb_part, decode_errors = embedder.embed_bytes(blobs)
+        chunks.append(emb_part)
+        for i, err in zip(readable, decode_errors, strict=True):
+            errors[i] = err
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
     answered = [i for i, e in enumerate(errors) if e is None]
 
     top_k = min(p.top_k, len(index))
