@@ -383,8 +383,8 @@ def test_open_set_rejection_and_new_parts_on_the_models_split(bundle):
     assert metrics["new_parts_unknown_before_adding"] == 1.0 and metrics["new_parts_top1_accuracy"] == 1.0
     assert metrics["known_top1_accuracy_after_adding"] == 1.0
     json.dumps(metrics)
-    with pytest.raises(ValueError, match="No unseen categories"):
-        nodes.measure_open_set_rejection(bundle, emb[:18], split_index.iloc[:18], SEARCH)
+    curve, figure, skipped = nodes.measure_open_set_rejection(bundle, emb[:18], split_index.iloc[:18], SEARCH)
+    assert curve.empty and "no unseen categories" in skipped["skipped"] and figure.texts  # reported, not a crash
     with pytest.raises(ValueError, match="Re-run kedro run --pipeline=siamese_pretrained"):
         nodes.measure_open_set_rejection(bundle, emb[:5], split_index, SEARCH)
 
