@@ -50,10 +50,9 @@ def _runs(project: Path) -> list:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A throw-away project (as conftest.kedro_project) where `kedro run --pipeline=siamese_triplet` ran once."""
+    import mlflow
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
-
-    import mlflow
 
     root = tmp_path_factory.mktemp("serving")
     catalogue = root / "tiny catalogue"
@@ -83,7 +82,7 @@ def trained(tmp_path_factory):
     child = next(r for r in _runs(project) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     from partmatch.ml.retrieval import GalleryIndex
 
-    index_file = sorted((project / "data" / "06_models" / MODEL / "gallery_index.faissidx").glob("*/*"))[-1]
+    index_file = max((project / "data" / "06_models" / MODEL / "gallery_index.faissidx").glob("*/*"))
     return {"project": project, "catalogue": catalogue, "parent": parent, "child": child,
             "gallery": GalleryIndex.load(index_file).metadata}
 

@@ -40,9 +40,10 @@ class ModelRunsHook:
     In the child run, with unprefixed names: the model's parameters (every field of ``params:<model>`` with
     its resolved value: ``lr``, ``loss``, ``backbone``, ``train_mode``...; other parameters a model node reads
     keep their section name, e.g. ``preprocessing.image_size``), its metrics (``<model>.metrics``:
-    ``precision_at_1``, ``open_set_map_at_r``...; its text values such as ``device`` as tags), the per-epoch history (``<model>.training_history``: ``train_loss``... by
-    epoch), its figures and reports as artifacts, and, when the run ends, the trained model logged as the
-    served identification model (MLflow Models, registrable). Tags: ``model``, ``raw_source``,
+    ``precision_at_1``, ``open_set_map_at_r``...; text values such as ``device`` as tags), the per-epoch
+    history (``<model>.training_history``: ``train_loss``... by epoch), its figures and reports as artifacts,
+    and, when the run ends, the trained model logged as the served identification model (MLflow Models,
+    registrable). Tags: ``model``, ``raw_source``,
     ``mlflow.parentRunId``. The parent run keeps the data pipelines' metrics and the ``compare`` summary.
 
     The experiment is tagged ``mlflow.experimentKind: custom_model_development`` (unless it has a kind), so
@@ -54,7 +55,6 @@ class ModelRunsHook:
 
     def __init__(self) -> None:
         self.runs = None
-        self.logged_outputs: set[str] = set()
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -62,7 +62,7 @@ class ModelRunsHook:
 
         from partmatch.tracking import ModelRuns, mark_model_training_experiment
 
-        self.runs, self.logged_outputs = None, set()
+        self.runs = None
         active = mlflow.active_run()
         if active is None:  # kedro-mlflow is off for this pipeline: nothing to nest under
             return
@@ -108,8 +108,7 @@ class ModelRunsHook:
                 self.runs.log_metrics(model, value)
             elif short == "training_history" and hasattr(value, "columns"):
                 self.runs.log_history(model, value)
-            if self.runs.log_output(model, short, value):
-                self.logged_outputs.add(name)
+            self.runs.log_output(model, short, value)
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:

@@ -171,7 +171,7 @@ def pin_served_inputs(inference_inputs: set[str], catalog: DataCatalog) -> None:
     """Before kedro-mlflow logs a PipelineML: pin its file inputs to one version and give it the request params."""
     replaced = {}
     for name in inference_inputs:
-        if name.endswith(f".{MODEL_FILE}") or name.endswith(f".{INDEX_FILE}"):
+        if name.endswith((f".{MODEL_FILE}", f".{INDEX_FILE}")):
             kind = MODEL_FILE if name.endswith(f".{MODEL_FILE}") else INDEX_FILE
             replaced[name] = ServedFile(filepath=_resolved_file(catalog[name]), kind=kind)
             logger.info("Served model: '%s' is %s", name, replaced[name]._filepath)
