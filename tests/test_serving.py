@@ -200,6 +200,9 @@ def test_logged_identification_model_predicts_in_process(tmp_path, monkeypatch):
     (logged,) = client.search_logged_models(experiment_ids=[exp])   # in the run's experiment, not Default
     assert logged.source_run_id == run_id and logged.name == "tiny" and info.model_id == logged.model_id
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/tiny")      # the run's URI resolves to it too
+    assert serving.latest_model_uri("tiny", experiment="t") == f"models:/{logged.model_id}"
+    with pytest.raises(LookupError, match="kedro run --pipeline=cnn"):
+        serving.latest_model_uri("cnn", experiment="t")
     assert pyfunc.metadata.get_params_schema().params[0].name == "top_k"
 
     out = pyfunc.predict(pd.DataFrame({"image": [blobs[0], blobs[7], b"plain text", b""],
@@ -229,6 +232,10 @@ def test_logged_model_predicts_in_process(trained):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     (model,) = _logged_models(project, trained["child"].info.run_id)
     assert model.name == MODEL
+    # the newest logged model of siamese_triplet, as `python -m partmatch.serving MODEL` prints it for serving
+    cli = subprocess.run([sys.executable, "-m", "partmatch.serving", MODEL], cwd=project, capture_output=True,
+                         text=True, check=True)
+    assert cli.stdout.strip() == f"models:/{model.model_id}"
     pyfunc = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     photos = _catalogue_photos(trained)
     rows = pd.DataFrame({"image": [b for _, _, b in photos] + [b"not a photo at all"],

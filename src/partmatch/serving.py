@@ -210,3 +210,32 @@ def log_identification_model(model: str, catalog: DataCatalog, run_id: str):
         return mlflow.models.Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id,
                                        model_id=logged.model_id, python_model=kpm, artifacts=artifacts,
                                        **log_model_kwargs(model))
+
+
+def latest_model_uri(model: str, tracking_uri: str | None = None, experiment: str = "partmatch") -> str:
+    """``models:/<id>`` of the newest identification model logged for ``model`` (what ``mlflow models serve -m``
+    takes). ``tracking_uri``: default ``MLFLOW_TRACKING_URI``, else the project's ``sqlite:///mlflow.db``."""
+    import os
+
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = (client.search_logged_models(experiment_ids=[exp.experiment_id], filter_string=f"name = '{model}'",
+                                         max_results=1) if exp is not None else [])
+    if not found:
+        raise LookupError(f"no logged model '{model}' in experiment '{experiment}' of {uri}: train it first with "
+                          f"`kedro run --pipeline={model}` (run from the project folder, or set MLFLOW_TRACKING_URI)")
+    return f"models:/{found[0].model_id}"
+
+
+if __name__ == "__main__":  # python -m partmatch.serving MODEL -> the URI to serve
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m partmatch.serving MODEL   (prints models:/<id> of its newest logged model)")
+    try:
+        print(latest_model_uri(sys.argv[1]))
+    except LookupError as err:
+        sys.exit(str(err))
