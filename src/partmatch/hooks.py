@@ -116,14 +116,16 @@ class ModelRunsHook:
             return
         from partmatch import serving
 
+        status = "FAILED"
         try:
             for model, run_id in self.runs.run_ids.items():
                 if not {f"{model}.{serving.MODEL_FILE}", f"{model}.{serving.INDEX_FILE}"} <= pipeline.all_outputs():
                     continue  # this run did not train the model (e.g. only its evaluation was re-run)
                 info = serving.log_identification_model(model, catalog, run_id)
                 logger.info("Model '%s' logged in its MLflow run %s: %s", model, run_id, info.model_uri)
+            status = "FINISHED"
         finally:
-            self.runs.finish("FINISHED")
+            self.runs.finish(status)
             self.runs = None
 
     @hook_impl
