@@ -32,7 +32,7 @@ def mlflow_runs(project: Path) -> pd.DataFrame:
     exp = client.get_experiment_by_name("partmatch")
     assert exp is not None, "experiment 'partmatch' was not created"
     return pd.DataFrame([{"name": r.info.run_name, "metrics": r.data.metrics, "params": r.data.params,
-                          "id": r.info.run_id} for r in client.search_runs([exp.experiment_id])])
+                          "tags": r.data.tags, "id": r.info.run_id} for r in client.search_runs([exp.experiment_id])])
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +87,23 @@ def test_model_pipelines_compare_evaluate_and_resume(kedro_project, tiny_catalog
     assert list(table["model"]) == list(MODELS)
     assert "| siamese_contrastive | pair_accuracy 70.24 %" in latest(project, "08_reporting/compare/comparison.md").read_text()
 
-    runs = mlflow_runs(project)
-    model_run = runs[runs["name"].str.contains("siamese_triplet")].iloc[0]
-    assert "siamese_triplet.open_set_precision_at_1" in model_run["metrics"]
-    assert "siamese_triplet.train_loss" in model_run["metrics"]
     import mlflow
 
+    runs = mlflow_runs(project)
+    parent = runs[runs["name"] == "+".join([*MODELS, "compare"])].iloc[0]
+    children = runs[runs["tags"].map(lambda t: t.get("mlflow.parentRunId")) == parent["id"]]
+    assert sorted(children["name"]) == sorted(MODELS)            # one child run per model
+    assert not [k for k in parent["metrics"] if k.split(".")[0] in MODELS]   # no prefixed model metrics left
+    model_run = children[children["name"] == "siamese_triplet"].iloc[0]
+    assert {"open_set_precision_at_1", "train_loss"} <= set(model_run["metrics"])
+    assert model_run["params"]["loss"] == "triplet" and model_run["tags"]["model"] == "siamese_triplet"
+    assert model_run["tags"]["raw_source"] == str(tiny_catalogue.resolve())
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    artifacts = [a.path for a in client.list_artifacts(model_run["id"], "siamese_triplet")]
-    assert "siamese_triplet/model.pt" in artifacts
-    local = client.download_artifacts(model_run["id"], "siamese_triplet/model.pt", str(tmp_path))
-    assert "state_dict" in torch.load(local, weights_only=True)
+    assert "loss_curves.png" in {a.path for a in client.list_artifacts(model_run["id"])}
+    # the trained model: logged in the child run as the identification model (model.pt is one of its artifacts)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{model_run['id']}/siamese_triplet", dst_path=str(tmp_path),
+                                                tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    assert "state_dict" in torch.load(Path(local) / "artifacts" / "model.pt", weights_only=True)
 
     # evaluate: another source, no training, every category unseen
     other = tmp_path / "other source"

@@ -633,3 +633,20 @@ def test_rejection_curve_figure_draws_the_curve_and_the_operating_point():
     assert "FNMR@FMR=1 % = 50.0%" in " ".join(t.get_text() for t in ax_det.get_legend().get_texts())
     with pytest.raises(ValueError, match="fmr"):
         rejection_curve_figure(curve.drop(columns="fmr"))
+
+
+def test_leave_one_out_nearest_same_and_other_part_on_a_line():
+    emb = np.array([[0.0], [1.0], [5.0], [7.0]], dtype=np.float32)
+    known, unknown = E.leave_one_out_nearest(emb, np.array(["a", "a", "b", "b"]))
+    np.testing.assert_allclose(known, [1, 1, 2, 2])
+    np.testing.assert_allclose(unknown, [5, 4, 4, 6])
+    known, _ = E.leave_one_out_nearest(emb, np.array(["a", "b", "c", "c"]))
+    assert np.isinf(known[:2]).all() and list(known[2:]) == [2, 2]   # a single-photo part has no known match
+
+
+def test_balanced_rejection_threshold_hand_example():
+    # accept-known + reject-unknown is 4/3, 5/3, 4/3, 5/3, 4/3, 1 at 0.1 .. 0.6: the first best (0.2) moved into
+    # the gap before the next distance (0.25)
+    t = E.balanced_rejection_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.25, 0.5, 0.6]))
+    assert t == pytest.approx(0.225)
+    assert E.balanced_rejection_threshold(np.array([0.1, 0.2]), np.array([0.8, 0.9])) == pytest.approx(0.5)

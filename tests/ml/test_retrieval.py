@@ -333,30 +333,40 @@ def _result(distances, labels):
 def test_identify_hand_computed_votes():
     inf = np.inf
     res = _result(
-        [[0.5, 1.0, 2.0], [0.2, 0.25, 0.3], [3.0, 3.5, 4.0], [1.0, 1.0, inf], [0.4, inf, inf]],
-        [["A", "B", "B"], ["X", "Y", "Y"], ["A", "A", "B"], ["P", "Q", None], ["Z", None, None]],
+        [[0.5, 1.0, 2.0], [0.2, 0.25, 0.3], [3.0, 3.5, 4.0], [1.0, 1.0, inf], [0.4, inf, inf], [1.0, 1.01, 1.02]],
+        [["A", "B", "B"], ["X", "Y", "Y"], ["A", "A", "B"], ["P", "Q", None], ["Z", None, None], ["X", "Y", "Y"]],
     )
     out = identify(res, threshold=1.5, k=3)
     assert out.columns.tolist() == ["predicted_label", "confidence", "nearest_distance", "nearest_label",
                                     "verdict", "answer"]
-    # row 0: A = 1/0.5 = 2, B = 1/1 + 1/2 = 1.5 -> A, confidence 2 / 3.5
-    # row 1: X = 5, Y = 4 + 3.333 = 7.333 -> Y (outvotes the nearest), confidence 7.333 / 12.333
-    # row 2: A = 1/3 + 1/3.5, B = 1/4 -> A, but nearest 3.0 > 1.5 -> unknown part
+    e = np.exp
+    # weight exp(-(d - d1) / (0.1 d1)):
+    # row 0: A = 1, B = e^-10 + e^-30 -> A
+    # row 1: X = 1, Y = e^-2.5 + e^-5 -> X (photos 25 % and 50 % farther do not outvote the nearest)
+    # row 2: A = 1 + e^-5/3, B = e^-10/3 -> A, but nearest 3.0 > 1.5 -> unknown part
     # row 3: P = Q = 1 -> tie, the nearer (listed first) wins; 1 / 2
     # row 4: a single neighbour -> confidence 1
-    assert out["predicted_label"].tolist() == ["A", "Y", "A", "P", "Z"]
-    np.testing.assert_allclose(out["confidence"], [2 / 3.5, (4 + 1 / 0.3) / (5 + 4 + 1 / 0.3),
-                                                   (1 / 3 + 1 / 3.5) / (1 / 3 + 1 / 3.5 + 1 / 4), 0.5, 1.0],
-                               rtol=1e-5)
-    assert out["nearest_label"].tolist() == ["A", "X", "A", "P", "Z"]
-    np.testing.assert_allclose(out["nearest_distance"], [0.5, 0.2, 3.0, 1.0, 0.4], rtol=1e-6)
-    assert out["verdict"].tolist() == ["known", "known", UNKNOWN, "known", "known"]
-    assert out["answer"].tolist() == ["A", "Y", UNKNOWN, "P", "Z"]
+    # row 5: X = 1, Y = e^-0.1 + e^-0.2 -> Y: two photos within 2 % of the nearest outvote it
+    assert out["predicted_label"].tolist() == ["A", "X", "A", "P", "Z", "Y"]
+    np.testing.assert_allclose(out["confidence"], [1 / (1 + e(-10) + e(-30)), 1 / (1 + e(-2.5) + e(-5)),
+                                                   (1 + e(-5 / 3)) / (1 + e(-5 / 3) + e(-10 / 3)), 0.5, 1.0,
+                                                   (e(-0.1) + e(-0.2)) / (1 + e(-0.1) + e(-0.2))], rtol=1e-4)
+    assert out["nearest_label"].tolist() == ["A", "X", "A", "P", "Z", "X"]
+    np.testing.assert_allclose(out["nearest_distance"], [0.5, 0.2, 3.0, 1.0, 0.4, 1.0], rtol=1e-6)
+    assert out["verdict"].tolist() == ["known", "known", UNKNOWN, "known", "known", "known"]
+    assert out["answer"].tolist() == ["A", "X", UNKNOWN, "P", "Z", "Y"]
     # k limits the vote: with k=1 the nearest decides
-    assert identify(res, threshold=None, k=1)["predicted_label"].tolist() == ["A", "X", "A", "P", "Z"]
+    assert identify(res, threshold=None, k=1)["predicted_label"].tolist() == ["A", "X", "A", "P", "Z", "X"]
+    # a flatter vote (temperature 1): row 1's two Y photos outvote the nearest X
+    assert identify(res, threshold=None, k=3, temperature=1.0)["predicted_label"].tolist()[1] == "Y"
+    # an exact duplicate decides alone
+    dup = identify(_result([[0.0, 0.001, 0.001]], [["A", "B", "B"]]), threshold=None, k=3)
+    assert dup["predicted_label"].tolist() == ["A"] and dup["confidence"].iloc[0] == pytest.approx(1.0)
     # threshold None never answers unknown; a threshold equal to the distance is still known
     assert (identify(res, threshold=None)["verdict"] == "known").all()
     assert identify(res, threshold=3.0)["verdict"].tolist()[2] == "known"
+    with pytest.raises(ValueError, match="temperature"):
+        identify(res, threshold=None, temperature=0)
 
 
 def test_identify_on_a_real_search():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from partmatch.config import TrainingParams
-from partmatch.ml import workflow
+from partmatch.ml import evaluation, workflow
 
 SPLITS = ["train"] * 6 + ["val", "test"]
 
@@ -46,8 +46,14 @@ def test_study_trunk_end_to_end(overrides):
     assert emb.shape == (len(images), 16 if p.task == "embedding" else 64 * 8 * 8)
     calibrated, curve, dist, same = workflow.calibrate_threshold(bundle, emb, index, p)
     assert calibrated["threshold"] is not None and len(dist) == len(same) == p.threshold_pairs
+    # the unknown-part threshold: leave-one-out on the training photos only, at the balanced-accuracy point
+    rows = workflow.split_rows(index, "train")
+    known, unknown = evaluation.leave_one_out_nearest(emb[rows], index["label"].to_numpy()[rows], "euclidean")
+    assert calibrated["unknown_threshold"] == pytest.approx(evaluation.balanced_rejection_threshold(known, unknown))
     metrics = workflow.evaluate(calibrated, emb, index, p)
-    assert set(metrics) >= {"precision_at_1", "map_at_r", "open_set_map_at_r", "pair_accuracy"}
+    assert set(metrics) >= {"precision_at_1", "map_at_r", "open_set_map_at_r", "pair_accuracy", "unknown_part_fmr",
+                            "unknown_part_fnmr", "fnmr_at_fmr_1pct"}
+    assert metrics["unknown_threshold"] == calibrated["unknown_threshold"]
     if p.task == "classifier":
         # the accuracy from the stored pre-logit embeddings equals a second pass over the test images
         from partmatch.ml.inference import Embedder

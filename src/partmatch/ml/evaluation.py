@@ -451,6 +451,47 @@ def _check_distances(name: str, values: Any) -> np.ndarray:
     return d
 
 
+def leave_one_out_nearest(emb: np.ndarray, labels: np.ndarray, distance: str = "euclidean",
+                          k: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """For every item of a labelled set, the distance to its nearest *other* item of the same label ("known
+    part": its part is in the index) and to its nearest item of another label ("unknown part": what it would
+    be matched to if its part line were absent from the index), searched among the ``k`` nearest (inf
+    when none is found there, e.g. a single-photo part)."""
+    e = _as_2d("emb", emb)
+    lab = np.asarray(labels).reshape(-1)
+    if len(lab) != len(e):
+        raise ValueError(f"labels has {len(lab)} entries but emb has {len(e)} rows")
+    if len(e) < 2:
+        raise ValueError("leave-one-out needs at least 2 items")
+    ids = [str(i) for i in range(len(e))]
+    gallery = GalleryIndex(e, lab.astype(str), ids=ids, distance=distance,
+                           config=IndexConfig(exact_max=max(len(e), 1)))
+    found = gallery.search(e, k=min(int(k), len(e) - 1), exclude_ids=ids)
+    same = found.labels == lab.astype(str)[:, None]
+    valid = found.positions >= 0
+    known = np.where(same & valid, found.distances, np.inf).min(axis=1)
+    unknown = np.where(~same & valid, found.distances, np.inf).min(axis=1)
+    return known.astype(np.float64), unknown.astype(np.float64)
+
+
+def balanced_rejection_threshold(known_nearest: np.ndarray, unknown_nearest: np.ndarray) -> float:
+    """The "unknown part" threshold on the nearest distance that maximises balanced accuracy,
+    ``((1 - FNMR) + (1 - FMR)) / 2``: accept a query (give it a part name) when its nearest distance is
+    ``<= threshold``. Among the best candidates the smallest is taken and moved half-way to the next distance
+    (it accepts the same queries but sits in the gap), as :func:`choose_threshold` does."""
+    kd = _check_distances("known_nearest", known_nearest)
+    ud = _check_distances("unknown_nearest", unknown_nearest)
+    values = np.unique(np.concatenate([kd, ud]))
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        raise ValueError("no finite distance: cannot choose a rejection threshold")
+    # integer counts scaled to a common denominator: exact ties, so "the smallest best" is well defined
+    accept_known = np.searchsorted(np.sort(kd), values, side="right").astype(np.int64) * len(ud)
+    reject_unknown = (len(ud) - np.searchsorted(np.sort(ud), values, side="right")).astype(np.int64) * len(kd)
+    best = int(np.argmax(accept_known + reject_unknown))
+    return float((values[best] + values[best + 1]) / 2) if best + 1 < len(values) else float(values[best])
+
+
 def open_set_rejection(
     known_nearest: np.ndarray,
     known_correct: np.ndarray,

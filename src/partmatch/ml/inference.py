@@ -233,6 +233,10 @@ class Embedder:
         self.distance: str = bundle.get("distance") or "euclidean"
         threshold = bundle.get("threshold")
         self.threshold: float | None = None if threshold is None else float(threshold)
+        unknown = bundle.get("unknown_threshold", threshold)
+        # nearest catalogue photo farther than this -> "unknown part" (calibrated by workflow.unknown_part_threshold;
+        # bundles from before it fall back to the pair threshold)
+        self.unknown_threshold: float | None = None if unknown is None else float(unknown)
         self.task: str = getattr(model, "task", spec.get("task", "embedding"))
 
     @classmethod

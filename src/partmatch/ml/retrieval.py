@@ -48,7 +48,8 @@ KINDS: tuple[str, ...] = ("exact", "hnsw", "ivf")
 APPROXIMATE_KINDS: tuple[str, ...] = ("hnsw", "ivf")
 UNKNOWN = "unknown part"
 KNOWN = "known"
-VOTE_EPS = 1e-6  # identify(): weight = 1 / (distance + VOTE_EPS)
+VOTE_TEMPERATURE = 0.1  # identify(): weight = exp(-(d - d_nearest) / (VOTE_TEMPERATURE * d_nearest + VOTE_EPS))
+VOTE_EPS = 1e-6
 IVF_TRAIN_ITERATIONS = 10
 IVF_TRAIN_POINTS_PER_CELL = 64
 
@@ -695,11 +696,18 @@ def _label_kind(labels: pd.Series) -> str:
 # ================================================================================================ identify
 
 
-def identify(result: SearchResult, threshold: float | None, k: int = 5, eps: float = VOTE_EPS) -> pd.DataFrame:
+def identify(result: SearchResult, threshold: float | None, k: int = 5,
+             temperature: float = VOTE_TEMPERATURE, eps: float = VOTE_EPS) -> pd.DataFrame:
     """Part name per query from its nearest gallery items: a distance-weighted k-NN vote.
 
     Each of the ``k`` nearest items (padding ignored) votes for its label with weight
-    ``1 / (distance + eps)``; the label with the largest summed weight wins (a tie goes to the tied label
+    ``exp(-(d - d1) / (temperature * d1 + eps))``, ``d1`` the nearest item's distance: the nearest votes 1,
+    an item 10 % farther (``temperature`` 0.1) ``exp(-1)``. Relative to the nearest distance, so the vote is
+    the same at any scale of distances, and photos much farther than the nearest barely count -- a part line
+    with one or two catalogue photos is not outvoted by a big line's crowd of farther photos (with ``1/d``
+    weights it was: on the demo catalogue 0.76 vs 0.91 for the nearest alone; on the car parts this vote
+    scores 0.888 top-1 at k=5 vs 0.857 for the nearest alone and 0.884 for ``1/d``). An exact duplicate
+    (``d1 = 0``) decides alone. The label with the largest summed weight wins (a tie goes to the tied label
     met nearest). ``confidence`` = the winner's share of the summed weight (1.0 when all k agree).
 
     Returns a DataFrame, one row per query, columns:
@@ -720,7 +728,10 @@ def identify(result: SearchResult, threshold: float | None, k: int = 5, eps: flo
     lab = np.asarray(result.labels, dtype=object)[:, :k]
     nq = len(d)
     valid = (pos >= 0) & np.isfinite(d)
-    w = np.where(valid, 1.0 / (np.where(valid, d, 0.0) + eps), 0.0)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (relative distance scale of the vote), got {temperature!r}")
+    d1 = np.where(valid[:, :1], d[:, :1], 0.0) if d.shape[1] else np.zeros((nq, 1))
+    w = np.where(valid, np.exp(-(np.where(valid, d, 0.0) - d1) / (temperature * d1 + eps)), 0.0)
     same = np.zeros((nq, d.shape[1], d.shape[1]), dtype=bool)
     for j in range(d.shape[1]):  # same[i, j, l]: neighbours j and l carry the same label (k is small)
         same[:, j, :] = (lab == lab[:, j : j + 1]) & valid & valid[:, j : j + 1]

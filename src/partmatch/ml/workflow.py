@@ -24,6 +24,7 @@ from partmatch.ml.data import InMemoryFeatures, InMemoryImages
 from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
 from partmatch.ml.inference import Embedder, apply_head, embed_images
 from partmatch.ml.models import build_model, model_spec
+from partmatch.ml.retrieval import GalleryIndex
 from partmatch.ml.objectives import BaseObjective, SimilarityPreservingObjective, build_objective
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,31 @@ def calibrate_threshold(bundle: dict, embeddings: np.ndarray, split_index: pd.Da
     threshold, curve = evaluation.choose_threshold(dist, same)
     logger.info("Pair threshold %.4f chosen on %d training pairs (train pair accuracy %.4f).", threshold, len(dist),
                 float(curve["accuracy"].max()))
-    return {**bundle, "threshold": float(threshold)}, curve, dist, same
+    unknown = unknown_part_threshold(emb[rows], labels, bundle.get("distance", "euclidean"))
+    return {**bundle, "threshold": float(threshold), "unknown_threshold": unknown}, curve, dist, same
+
+
+def unknown_part_threshold(train_emb: np.ndarray, train_labels: np.ndarray, distance: str) -> float | None:
+    """The "unknown part" threshold of a model, chosen on its training photos only.
+
+    The pair threshold answers "are these two photos the same part?" for random pairs; a search answers
+    "is the *nearest* catalogue photo the same part?", whose distances are much smaller, so the pair threshold
+    accepts almost every photo of a part absent from the catalogue. Here each training photo plays both
+    roles, leave-one-out: its nearest same-category photo is a known-part match, its nearest other-category
+    photo is what it would be matched to were its category absent; the threshold maximises balanced accuracy
+    between the two (``evaluation.balanced_rejection_threshold``). None when there are too few photos.
+    """
+    counts = pd.Series(train_labels).value_counts()
+    if len(train_labels) < 3 or len(counts) < 2 or counts.max() < 2:
+        logger.warning("Too few training photos to calibrate the unknown-part threshold; search will use the pair "
+                       "threshold.")
+        return None
+    known, unknown = evaluation.leave_one_out_nearest(train_emb, train_labels, distance)
+    value = evaluation.balanced_rejection_threshold(known, unknown)
+    logger.info("Unknown-part threshold %.4f chosen on %d training photos (leave-one-out: known-part nearest median "
+                "%.4f, other-part nearest median %.4f).", value, len(known), float(np.median(known)),
+                float(np.median(unknown)))
+    return value
 
 
 def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p: TrainingParams) -> dict[str, float]:
@@ -299,11 +324,34 @@ def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p:
         emb[rows["train"]], y[rows["train"]], emb[rows["test"]], y[rows["test"]],
         emb[rows["open"]] if len(rows["open"]) else None, codes[rows["open"]] if len(rows["open"]) else None,
         threshold=bundle["threshold"], seed=p.seed, n_pairs=p.eval_pairs, distance=bundle.get("distance", "euclidean"))
+    unknown_threshold = bundle.get("unknown_threshold")
+    if len(rows["test"]) and len(rows["open"]) and unknown_threshold is not None:
+        metrics.update(rejection_metrics(emb[rows["train"]], split_index["label"].to_numpy()[rows["train"]],
+                                         emb[rows["test"]], split_index["label"].to_numpy()[rows["test"]],
+                                         emb[rows["open"]], unknown_threshold, bundle.get("distance", "euclidean")))
     if p.task == "classifier" and len(rows["test"]):
         logp = Embedder(bundle).log_probs_from_embeddings(emb[rows["test"]])
         metrics["test_accuracy"] = evaluation.classification_accuracy(logp, y[rows["test"]])
     metrics["threshold"] = float(bundle["threshold"]) if bundle["threshold"] is not None else float("nan")
     return metrics
+
+
+def rejection_metrics(gallery_emb: np.ndarray, gallery_labels: np.ndarray, known_emb: np.ndarray,
+                      known_labels: np.ndarray, unknown_emb: np.ndarray, threshold: float,
+                      distance: str) -> dict[str, float]:
+    """Open-set rejection of a search of the training categories' photos: test photos of known parts and photos
+    of the unseen categories as queries, the nearest catalogue photo against ``threshold`` (the model's
+    unknown-part threshold). Keys ``unknown_part_fmr`` (unseen parts wrongly given a known name),
+    ``unknown_part_fnmr`` (known parts rejected), ``fnmr_at_fmr_1pct``, ``unknown_part_eer``,
+    ``unknown_threshold``."""
+    gallery = GalleryIndex(gallery_emb, np.asarray(gallery_labels).astype(str), distance=distance)
+    known = gallery.search(known_emb, k=1)
+    unknown = gallery.search(unknown_emb, k=1)
+    _, summary = evaluation.open_set_rejection(known.distances[:, 0], known.labels[:, 0] == np.asarray(known_labels),
+                                               unknown.distances[:, 0], threshold)
+    return {"unknown_threshold": float(threshold), "unknown_part_fmr": summary["fmr"],
+            "unknown_part_fnmr": summary["fnmr"], "fnmr_at_fmr_1pct": summary["fnmr_at_fmr_1pct"],
+            "unknown_part_eer": summary["eer"]}
 
 
 def evaluate_unseen(bundle: dict, images: np.ndarray, labels: pd.Series, seed: int = 0,

@@ -3,17 +3,18 @@
 from kedro.pipeline import Node, Pipeline
 
 from partmatch.config import MODEL_PIPELINES
+from partmatch.pipelines import grouped
 
 from .nodes import compare_models
 
 
 def create_pipeline(models: tuple[str, ...] = MODEL_PIPELINES, **kwargs) -> Pipeline:
     """Read the latest ``<model>.metrics`` of every model and write the comparison."""
-    return Pipeline(
+    return grouped(Pipeline(
         [
             Node(compare_models, {"params": "params:compare", **{m: f"{m}.metrics" for m in models}},
                  ["comparison_table", "comparison_markdown", "comparison_chart", "comparison_mlflow_metrics"],
                  name="compare_models"),
         ],
         tags=["compare"],
-    )
+    ), "compare")

@@ -2,12 +2,19 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import category_counts, pca_top_categories, sample_grid, top_categories_chart
+from partmatch.pipelines import grouped
+
+from .nodes import (
+    category_counts,
+    pca_top_categories,
+    sample_grid,
+    top_categories_chart,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Category table, top-N chart, PCA of the top categories and a sample grid."""
-    return Pipeline(
+    return grouped(Pipeline(
         [
             Node(category_counts, ["split_index", "params:eda"], ["eda_category_counts", "eda_category_table"],
                  name="category_counts"),
@@ -19,4 +26,4 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(sample_grid, ["image_array", "split_index", "params:eda"], "eda_sample_grid", name="sample_grid"),
         ],
         tags=["eda"],
-    )
+    ), "eda")

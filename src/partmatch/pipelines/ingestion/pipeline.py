@@ -2,12 +2,14 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from partmatch.pipelines import grouped
+
 from .nodes import clean_manifest, scan_source, summarise_cleaning
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Scan the raw source, quarantine bad files, clean, and report."""
-    return Pipeline(
+    return grouped(Pipeline(
         [
             Node(scan_source, ["raw_images", "params:ingestion"], ["raw_manifest", "quarantine"],
                  name="scan_source"),
@@ -17,4 +19,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["cleaning_report", "cleaning_counts", "ingestion_metrics"], name="summarise_cleaning"),
         ],
         tags=["ingestion"],
-    )
+    ), "ingestion")

@@ -2,12 +2,14 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from partmatch.pipelines import grouped
+
 from .nodes import preprocess_images, split_images
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Decode once into a uint8 array, then split into train/val/test and the open set."""
-    return Pipeline(
+    return grouped(Pipeline(
         [
             Node(preprocess_images, ["raw_images", "clean_manifest", "params:preprocessing"],
                  ["image_array", "image_index"], name="preprocess_images"),
@@ -15,4 +17,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                  name="split_images"),
         ],
         tags=["preprocessing"],
-    )
+    ), "preprocessing")

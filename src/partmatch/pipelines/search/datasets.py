@@ -15,7 +15,12 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError, VersionNotFoundError
 
-from partmatch.datasets import GalleryIndexDataset, ImageSource, ImageSourceDataset, TorchModelDataset
+from partmatch.datasets import (
+    GalleryIndexDataset,
+    ImageSource,
+    ImageSourceDataset,
+    TorchModelDataset,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -117,7 +117,7 @@ def _info(index: GalleryIndex, embedder: Embedder, p: config.SearchParams, finge
           history: list[dict]) -> dict[str, Any]:
     """The index's card (saved beside it): which model made the vectors, its threshold, what it holds, history."""
     return {"model": p.model, "model_fingerprint": fingerprint, "distance": embedder.distance,
-            "threshold": embedder.threshold, "dim": int(index.dim), "preprocessing": dict(embedder.preprocessing),
+            "threshold": embedder.unknown_threshold, "dim": int(index.dim), "preprocessing": dict(embedder.preprocessing),
             **_info_counts(index), "history": history}
 
 
@@ -248,7 +248,7 @@ def identify_query_photos(model: dict, index: GalleryIndex, info: dict[str, Any]
         raise ValueError("The catalogue index is empty (every part line removed?): rebuild it with "
                          "kedro run --pipeline=search_index")
     embedder = _embedder(model, p)
-    threshold = p.threshold if p.threshold is not None else embedder.threshold
+    threshold = p.threshold if p.threshold is not None else embedder.unknown_threshold
     errors: list[str | None] = []
     chunks = []
     for start in range(0, len(queries.photos), p.batch_size):  # read and embed in chunks: bounded memory
@@ -388,7 +388,7 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
         figure.text(0.5, 0.5, f"open-set rejection not measured:\n{missing}", ha="center", va="center", wrap=True)
         curve = pd.DataFrame(columns=["threshold", "fmr", "fnmr", "known_identified", "known_misnamed"])
         return curve, figure, {"model": p.model, "skipped": missing}
-    threshold = p.threshold if p.threshold is not None else embedder.threshold
+    threshold = p.threshold if p.threshold is not None else embedder.unknown_threshold
     if threshold is None:
         raise ValueError(f"{p.model}'s model.pt has no calibrated threshold; set search.threshold.")
     index = GalleryIndex(emb[gallery], labels[gallery], ids=[str(i) for i in gallery], distance=embedder.distance,

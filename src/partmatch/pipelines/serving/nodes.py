@@ -111,7 +111,7 @@ def identify_photos(query_table: pd.DataFrame, query_errors: list[str | None], q
                                   or math.isnan(threshold)):
         raise BadRequest(f"parameter 'threshold' must be a distance >= 0, or negative for the model's calibrated "
                          f"threshold, got {threshold!r}")
-    used = float(threshold) if threshold is not None and threshold >= 0 else _embedder(model).threshold
+    used = float(threshold) if threshold is not None and threshold >= 0 else _embedder(model).unknown_threshold
     votes = identify(query_neighbours, used, k=k)
     rows, answered = [], 0
     for name, err in zip(query_table["name"], query_errors, strict=True):

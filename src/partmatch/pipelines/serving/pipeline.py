@@ -2,7 +2,13 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import embed_photos, identify_photos, preprocess_photos, read_request, search_catalogue
+from .nodes import (
+    embed_photos,
+    identify_photos,
+    preprocess_photos,
+    read_request,
+    search_catalogue,
+)
 
 
 def create_template() -> Pipeline:
