@@ -9,7 +9,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: install run test viz mlflow-ui bench clean-data
+.PHONY: install run test viz mlflow-ui serve bench clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ viz: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# The newest identification model logged for MODEL (default the recommended one), on 127.0.0.1:5001.
+serve: install
+	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/mlflow models serve -m "$$($(BIN)/python -m partmatch.serving $(or $(MODEL),siamese_pretrained))" --env-manager local -h 127.0.0.1 -p 5001
 
 bench: install
 	$(BIN)/python bench/compare_models.py
