@@ -92,14 +92,13 @@ def png_bytes(img: Image.Image, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A copy of the project's configuration in a temp folder (own data/ and mlflow.db); returns a runner."""
+def new_kedro_project(project: Path):
+    """A copy of the project's configuration and code in ``project`` (own data/ and mlflow.db), bootstrapped;
+    returns ``run(pipelines, **runtime_params)``, which runs a KedroSession there (cwd must be ``project``)."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    project = tmp_path / "project"
-    project.mkdir()
+    project.mkdir(parents=True)
     for name in ("pyproject.toml", ".kedro.yml", ".telemetry"):
         shutil.copy(PROJECT_ROOT / name, project / name)
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
@@ -110,7 +109,6 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (project / "conf" / "local" / "mlflow.yml").write_text(
         f"server:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
     shutil.copytree(PROJECT_ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    monkeypatch.chdir(project)
     bootstrap_project(project)
 
     def run(pipelines: list[str] | str | None = None, **runtime_params):
@@ -127,4 +125,13 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                 mlflow.end_run()
 
     run.path = project
+    return run
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A copy of the project's configuration in a temp folder (own data/ and mlflow.db); returns a runner."""
+    monkeypatch.chdir(tmp_path)
+    run = new_kedro_project(tmp_path / "project")
+    monkeypatch.chdir(run.path)
     return run

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import yaml
 from PIL import Image
 
 from partmatch.demo import generate_demo_catalogue
-from tests.conftest import PROJECT_ROOT, make_photo
+from tests.conftest import make_photo, new_kedro_project
 
 MODEL = "siamese_triplet"
 TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
@@ -50,34 +49,17 @@ def _runs(project: Path) -> list:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A throw-away project (as conftest.kedro_project) where `kedro run --pipeline=siamese_triplet` ran once."""
-    import mlflow
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     root = tmp_path_factory.mktemp("serving")
     catalogue = root / "tiny catalogue"
     generate_demo_catalogue(catalogue, seed=3, size=64, scale=0.35)
-    project = root / "project"
-    project.mkdir()
-    for name in ("pyproject.toml", ".kedro.yml", ".telemetry"):
-        shutil.copy(PROJECT_ROOT / name, project / name)
-    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "data").mkdir()
-    (project / "conf" / "local" / "mlflow.yml").write_text(
-        f"server:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
-    shutil.copytree(PROJECT_ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run = new_kedro_project(root / "project")
+        project = run.path
         mp.chdir(project)
-        bootstrap_project(project)
         common = {"raw_source": str(catalogue), "preprocessing": {"image_size": 32}}
-        for names, extra in ((["ingestion", "preprocessing"], {}), ([MODEL], {MODEL: dict(TINY)})):
-            try:
-                with KedroSession.create(project_path=project, runtime_params={**common, **extra}) as session:
-                    session.run(pipeline_names=names)
-            finally:
-                while mlflow.active_run() is not None:
-                    mlflow.end_run()
+        run(["ingestion", "preprocessing"], **common)
+        run([MODEL], **common, **{MODEL: dict(TINY)})
     parent = next(r for r in _runs(project) if r.info.run_name == MODEL and "mlflow.parentRunId" not in r.data.tags)
     child = next(r for r in _runs(project) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     from partmatch.ml.retrieval import GalleryIndex
@@ -211,7 +193,7 @@ def test_logged_identification_model_predicts_in_process(tmp_path, monkeypatch):
     for row, path in zip(out.head(2).itertuples(), ["part0/0.png", "part1/2.png"]):
         assert row.verdict == "known" and row.part == path.split("/")[0] and row.error is None
         assert row.top_items[0] == path and row.top_distances[0] == pytest.approx(0, abs=1e-4)
-        assert len(row.top_parts) == 3 and row.threshold == pytest.approx(bundle["threshold"])
+        assert len(row.top_parts) == 3 and row.threshold == pytest.approx(bundle["unknown_threshold"])
     assert list(out["verdict"][2:]) == ["error", "error"] and all(out["error"][2:])
     # per-request threshold 0: only an exact catalogue photo is known
     (row,) = pyfunc.predict(pd.DataFrame({"image": [_png(make_photo(9, seed=123))]}),

@@ -7,19 +7,19 @@ Kept beside the search pipelines because only they read them; both render their 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io.core import AbstractDataset, DatasetError, VersionNotFoundError
+from kedro.io.core import DatasetError, VersionNotFoundError
 
 from partmatch.datasets import (
     GalleryIndexDataset,
     ImageSource,
     ImageSourceDataset,
     TorchModelDataset,
+    _same_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,33 +50,13 @@ def _reader(path: Path) -> Callable[[], bytes]:
     return path.read_bytes
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    return os.path.normpath(a.absolute()) == os.path.normpath(b.absolute())
-
-
-class QueryPhotosDataset(AbstractDataset[QueryPhotos, None]):
+class QueryPhotosDataset(ImageSourceDataset):
     """Read-only: a single photo, or every file below a folder (hidden files skipped).
 
     A file inside a sub-folder has that folder's name as its true part name (``queries/Brake Disc/x.jpg``), so
     the report can mark wrong answers; files at the top level and a single file have none. When ``path`` equals
     ``demo_path`` and is missing, the demo query photos are rendered there first.
     """
-
-    def __init__(self, *, path: str, demo_path: str | None = None, demo_seed: int = 0,
-                 metadata: dict[str, Any] | None = None) -> None:
-        self._path = str(path)
-        self._demo_path = demo_path
-        self._demo_seed = demo_seed
-        self.metadata = metadata
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": self._path, "demo_path": self._demo_path}
-
-    def _exists(self) -> bool:
-        return Path(self._path).exists()
-
-    def save(self, data: QueryPhotos) -> None:
-        raise DatasetError(f"QueryPhotosDataset at '{self._path}' is read-only: query photos are never overwritten.")
 
     def load(self) -> QueryPhotos:
         path = Path(self._path)
