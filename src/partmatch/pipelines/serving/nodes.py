@@ -82,10 +82,7 @@ def preprocess_photos(query_table: pd.DataFrame, model: Any) -> tuple[np.ndarray
         reasons = "; ".join(f"'{name}': {err}" for name, err in zip(query_table["name"], errors, strict=True))
         raise BadRequest(f"no photo in the request could be read ({reasons}). '{IMAGE_COLUMN}' must hold a JPEG, "
                          "PNG, ... file's bytes, base64-encoded in JSON.")
-    keep = np.array([e is None for e in errors])
-    if len(pixels) != int(keep.sum()):  # preprocess_many returns only the decodable photos
-        pixels = pixels[keep]
-    return pixels, errors
+    return pixels, errors  # pixels: the readable photos only, in order (a non-bytes value was sent as b"": unreadable)
 
 
 def embed_photos(query_pixels: np.ndarray, model: Any) -> np.ndarray:
