@@ -83,7 +83,7 @@ def main() -> None:
     emb = workflow.embed_all(bundle, images, feats, device="cpu")
     bundle, *_ = workflow.calibrate_threshold(bundle, emb, index, p)
     embedder = Embedder(bundle)
-    threshold = embedder.threshold
+    threshold = embedder.unknown_threshold  # "unknown part" beyond it (calibrated on the training photos)
     t_train = time.perf_counter() - t0 - t_feats
 
     labels = index["label"].astype(str).to_numpy()
@@ -126,7 +126,7 @@ def main() -> None:
         "# Identify a photographed part (`python bench/identify_parts.py`)",
         "",
         f"Images {images.shape}, model siamese_pretrained ({summary['epochs_run']} epochs, best {summary['best_epoch']}),"
-        f" distance {embedder.distance}, calibrated threshold {threshold:.4f}; backbone features {t_feats:.0f} s,"
+        f" distance {embedder.distance}, unknown-part threshold {threshold:.4f} (pair threshold {embedder.threshold:.4f}); backbone features {t_feats:.0f} s,"
         f" head + embeddings + calibration {t_train:.0f} s.",
         f"Index = the train photos of the {len(set(labels[rows['train']]))} training categories ({before} items);"
         f" queries: {len(rows['test'])} held-back photos of known categories, {len(rows['open'])} photos of"

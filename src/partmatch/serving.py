@@ -139,8 +139,15 @@ def _resolved_file(dataset: AbstractDataset) -> Path:
     """The file a (possibly versioned) file dataset loads now: the exact version, not the versions folder."""
     if isinstance(dataset, ServedFile):
         return Path(str(dataset._filepath))
-    get_load_path = getattr(dataset, "_get_load_path", None)
-    path = get_load_path() if callable(get_load_path) else getattr(dataset, "_filepath", None)
+    path = None
+    version = getattr(dataset, "_version", None)
+    if version is not None and version.save is not None:
+        # the version this run saved (the latest on disk may be another, concurrent run's)
+        saved = Path(str(dataset._get_versioned_path(version.save)))
+        path = saved if saved.is_file() else None
+    if path is None:
+        get_load_path = getattr(dataset, "_get_load_path", None)
+        path = get_load_path() if callable(get_load_path) else getattr(dataset, "_filepath", None)
     if path is None:
         raise ValueError(f"{type(dataset).__name__} has no file path: the served model needs file datasets")
     path = Path(str(path)).resolve()
@@ -223,7 +230,10 @@ def latest_model_uri(model: str, tracking_uri: str | None = None, experiment: st
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     found = (client.search_logged_models(experiment_ids=[exp.experiment_id], filter_string=f"name = '{model}'",
-                                         max_results=1) if exp is not None else [])
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+                                         max_results=50) if exp is not None else [])
+    # READY only: a model whose logging failed half-way stays PENDING and cannot be served
+    found = [m for m in found if str(getattr(m.status, "value", m.status)) == "READY"]
     if not found:
         raise LookupError(f"no logged model '{model}' in experiment '{experiment}' of {uri}: train it first with "
                           f"`kedro run --pipeline={model}` (run from the project folder, or set MLFLOW_TRACKING_URI)")

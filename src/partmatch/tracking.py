@@ -40,17 +40,6 @@ def as_mlflow_metrics(values: Mapping[str, float], step: int = 0) -> dict[str, d
     return out
 
 
-def history_as_mlflow_metrics(history: list[Mapping[str, float]], keys: list[str]) -> dict[str, list[dict]]:
-    """Turn per-epoch records into kedro-mlflow metric histories (one point per epoch)."""
-    out: dict[str, list[dict]] = {}
-    for key in keys:
-        points = [{"value": float(h[key]), "step": int(h["epoch"])} for h in history
-                  if key in h and h[key] is not None and math.isfinite(float(h[key]))]
-        if points:
-            out[key] = points
-    return out
-
-
 def _is_number(value: Any) -> bool:
     return (not isinstance(value, bool) and isinstance(value, int | float)
             and math.isfinite(float(value)))

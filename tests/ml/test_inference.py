@@ -120,3 +120,38 @@ def test_real_car_part_photo_is_preprocessed_like_the_preprocessing_pipeline(car
     embedder = Embedder(model)
     np.testing.assert_array_equal(embedder.preprocess(data), preprocess_bytes(data, image_size=32,
                                                                                color_mode="grayscale"))
+
+
+def test_embed_is_the_model_on_normalised_pixels(trained):
+    """Independent of the embedding helpers: (x / 255 - mean) / std through the model's own embed."""
+    _, images, _, model, emb = trained
+    embedder = Embedder(model)
+    net = embedder.model
+    x = (torch.as_tensor(images[:5]).float() / 255 - torch.tensor(embedder.mean).view(1, -1, 1, 1)) \
+        / torch.tensor(embedder.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = net.embed(x).numpy()
+    np.testing.assert_allclose(embedder.embed(images[:5]), expected, atol=1e-5)
+    np.testing.assert_allclose(emb[:5], expected, atol=1e-5)
+
+
+def test_unknown_threshold_falls_back_to_the_pair_threshold(trained):
+    *_, model, _ = trained
+    assert Embedder(model).unknown_threshold == model["unknown_threshold"] != model["threshold"]
+    assert Embedder({**model, "unknown_threshold": None}).unknown_threshold == model["threshold"]
+    old = {k: v for k, v in model.items() if k != "unknown_threshold"}          # a model.pt from before
+    assert Embedder(old).unknown_threshold == model["threshold"]
+
+
+def test_stored_preprocessing_is_what_the_model_learnt_from_not_todays_parameters():
+    _, images, index = photo_set(size=32)
+    p = TrainingParams(**TINY)
+    bundle, _, _ = workflow.train(images, index, p, None, {"image_size": 100, "color_mode": "rgb", "background": 0})
+    assert bundle["preprocessing"] == {"image_size": 32, "color_mode": "grayscale", "background": 0}
+
+
+def test_a_model_refuses_embeddings_of_another_run(trained):
+    *_, model, emb = trained
+    workflow.check_embeddings_of(model, emb, "m.embeddings", "m.model")
+    with pytest.raises(ValueError, match="m.embeddings is not the embeddings m.model was calibrated with"):
+        workflow.check_embeddings_of(model, emb + 1e-3, "m.embeddings", "m.model")

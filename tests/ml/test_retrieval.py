@@ -262,10 +262,12 @@ def test_new_part_line_is_found_after_add_and_kind_follows_size():
     index = GalleryIndex(x, y, config=IndexConfig(exact_max=250))
     new = np.full((80, 8), 30.0, dtype=np.float32) + np.random.default_rng(0).normal(size=(80, 8)).astype(np.float32)
     q = new[:5] + 0.01
-    assert set(index.search(q, 1).labels[:, 0]) != {"brand_new"}
+    before = identify(index.search(q, 1), threshold=1.0)
+    assert "brand_new" not in set(index.labels) and (before["verdict"] == UNKNOWN).all()
     index.add(new, ["brand_new"] * 80, [f"new{i}" for i in range(80)])
     assert index.kind == "hnsw"  # 280 > exact_max
     assert set(index.search(q, 1).labels[:, 0]) == {"brand_new"}
+    assert (identify(index.search(q, 1), threshold=1.0)["answer"] == "brand_new").all()
     assert index.remove_labels("brand_new") == 80
     assert index.kind == "exact" and len(index) == 200
     assert "brand_new" not in set(index.search(q, 3).labels.reshape(-1))

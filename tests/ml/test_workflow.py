@@ -7,6 +7,7 @@ import torch
 
 from partmatch.config import TrainingParams
 from partmatch.ml import evaluation, workflow
+from partmatch.ml.inference import Embedder
 
 SPLITS = ["train"] * 6 + ["val", "test"]
 
@@ -88,7 +89,7 @@ def test_frozen_pretrained_caches_features_and_trains_only_the_head():
             assert torch.equal(value, reference[key]), f"{key} changed although the backbone is frozen"
     assert not torch.equal(bundle["state_dict"]["head.weight"], reference["head.weight"])
     # the full model (backbone + trained head) reproduces the head-on-cached-features embeddings
-    model = workflow.load_bundle(bundle)
+    model = Embedder(bundle).model
     with torch.no_grad():
         x = (torch.as_tensor(images[:4]).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
             / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -139,7 +140,7 @@ def test_identity_head_starts_at_the_backbone_features_and_training_moves_it():
     bundle, _, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
     assert bundle["spec"]["head_init"] == "identity"
     assert not torch.equal(bundle["state_dict"]["head.weight"], torch.eye(1280))
-    model = workflow.load_bundle(torch.load(_roundtrip(bundle), weights_only=True))
+    model = Embedder(torch.load(_roundtrip(bundle), weights_only=True)).model
     assert torch.equal(model.state_dict()["head.weight"], bundle["state_dict"]["head.weight"])
 
 
@@ -156,7 +157,7 @@ def test_flip_averaging_head_with_similarity_preservation_end_to_end():
     np.testing.assert_allclose(feats[:, 1], mirrored[:, 0], atol=1e-4)   # view 1 = the mirror image's features
     bundle, history, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
     assert bundle["spec"]["flip_tta"] is True and np.isfinite(history[-1]["train_loss"])
-    model = workflow.load_bundle(torch.load(_roundtrip(bundle), weights_only=True))
+    model = Embedder(torch.load(_roundtrip(bundle), weights_only=True)).model
     from partmatch.ml.inference import embed_images
 
     emb = embed_images(model, images[:6], mean=(0.449,), std=(0.226,))

@@ -85,7 +85,10 @@ def bundle(tmp_path_factory) -> dict:
     labels = np.repeat(np.arange(len(CATALOGUE)), PER_PART)
     a, c, same = evaluation.sample_pairs(labels, 200, seed=0)
     threshold, _ = evaluation.choose_threshold(evaluation.pair_distances(emb, a, c), same)
-    return {**b, "threshold": float(threshold)}
+    # the unknown-part threshold as workflow.calibrate_threshold chooses it (leave-one-out over the catalogue)
+    known, other = evaluation.leave_one_out_nearest(emb, labels)
+    return {**b, "threshold": float(threshold),
+            "unknown_threshold": evaluation.balanced_rejection_threshold(known, other)}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +152,7 @@ def test_index_holds_every_cleaned_photo_with_name_file_and_hash(index, catalogu
 
     assert row["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     assert card["model"] == "siamese_pretrained" and card["distance"] == "euclidean"
-    assert card["threshold"] == pytest.approx(bundle["threshold"]) and card["dim"] == 1280
+    assert card["threshold"] == pytest.approx(bundle["unknown_threshold"]) and card["dim"] == 1280
     assert card["vectors"] == 15 and card["parts"] == 3 and card["photos_per_part"]["Bracket"] == PER_PART
     assert card["model_fingerprint"] == nodes.model_fingerprint(bundle) and card["history"][0]["action"] == "index"
     json.dumps(card)  # the card is plain JSON
@@ -207,7 +210,7 @@ def test_known_parts_are_named_and_an_absent_part_is_unknown_at_the_threshold(in
         assert table.loc[f"{name}/fresh.jpg", "answer"] == name, table.loc[f"{name}/fresh.jpg"].to_dict()
     x = table.loc["Wishbone/x.jpg"]
     assert x["verdict"] == UNKNOWN and x["answer"] == UNKNOWN and x["expected_answer"] == UNKNOWN and x["correct"]
-    assert x["nearest_distance"] > bundle["threshold"] == pytest.approx(x["threshold"])
+    assert x["nearest_distance"] > bundle["unknown_threshold"] == pytest.approx(x["threshold"])
     assert pd.isna(table.loc["no folder.jpg", "true_label"]) and pd.isna(table.loc["no folder.jpg", "correct"])
     # a larger threshold override makes the same query "known" (with the nearest part's name)
     loose = nodes.identify_query_photos(bundle, gallery, card, queries_in(q / "Wishbone"),
@@ -291,7 +294,7 @@ def test_html_report_is_self_contained_and_marks_wrong_matches(index, bundle, tm
     assert html.count("<img ") == html.count('<img src="data:image/jpeg;base64,') == 2 + 2 * 3  # 2 queries, 3 matches
     assert html.count('class="q known right"') == 1 and html.count('class="q known wrong"') == 1
     assert "✗ wrong" in html and 'figure class="bad"' in html and "could not be read" in html
-    assert "Brake Disc" in html and f"{bundle['threshold']:.3f}" in html
+    assert "Brake Disc" in html and f"{bundle['unknown_threshold']:.3f}" in html
 
 
 def test_report_renders_without_pipeline_objects():
@@ -374,11 +377,13 @@ def test_open_set_rejection_and_new_parts_on_the_models_split(bundle):
     emb, _ = Embedder(bundle).embed_bytes(blobs)
     split_index = pd.DataFrame(rows)
     curve, figure, metrics = nodes.measure_open_set_rejection(bundle, emb, split_index, SEARCH)
-    assert {"threshold", "fmr", "fnmr"} <= set(curve.columns) and figure.axes
+    assert {"threshold", "fmr", "fnmr"} <= set(curve.columns) and len(figure.axes) == 2
+    assert metrics["threshold"] == bundle["unknown_threshold"] and metrics["threshold_source"] == "calibrated"
     assert metrics["known_queries"] == 6 and metrics["unseen_queries"] == 6 and metrics["known_parts"] == 3
     assert metrics["known_top1_accuracy"] == 1.0 and metrics["unknown_rejected_at_threshold"] == 1.0
     assert metrics["fmr_at_threshold"] == 0.0 and metrics["fnmr_at_threshold"] == 0.0
-    assert 0.0 <= metrics["fnmr_at_fmr_1pct"] <= 1.0
+    # every known query is nearer than the 1 % quantile of the unseen ones (they are separated): FNMR 0 there
+    assert metrics["fnmr_at_fmr_1pct"] == 0.0
     assert metrics["new_parts_reference_photos"] == 3 and metrics["new_parts_queries"] == 3
     assert metrics["new_parts_unknown_before_adding"] == 1.0 and metrics["new_parts_top1_accuracy"] == 1.0
     assert metrics["known_top1_accuracy_after_adding"] == 1.0

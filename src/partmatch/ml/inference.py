@@ -18,7 +18,6 @@ notebook or a served model.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -233,7 +232,8 @@ class Embedder:
         self.distance: str = bundle.get("distance") or "euclidean"
         threshold = bundle.get("threshold")
         self.threshold: float | None = None if threshold is None else float(threshold)
-        unknown = bundle.get("unknown_threshold", threshold)
+        unknown = bundle.get("unknown_threshold")
+        unknown = threshold if unknown is None else unknown
         # nearest catalogue photo farther than this -> "unknown part" (calibrated by workflow.unknown_part_threshold;
         # bundles from before it fall back to the pair threshold)
         self.unknown_threshold: float | None = None if unknown is None else float(unknown)
@@ -248,11 +248,6 @@ class Embedder:
                                     "(kedro run --pipeline=siamese_pretrained) or pass data/06_models/<model>/...")
         bundle = torch.load(path, map_location="cpu", weights_only=True)
         return cls(bundle, device=device, batch_size=batch_size)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, device: str = "cpu", batch_size: int = 256) -> Embedder:
-        """Load a bundle from the bytes of a ``model.pt``."""
-        return cls(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), device, batch_size)
 
     @classmethod
     def for_model(cls, model: nn.Module, mean: Sequence[float], std: Sequence[float], device: str = "cpu",

@@ -625,7 +625,8 @@ class GalleryIndex:
             keys = np.load(io.BytesIO(zf.read("keys.npy")), allow_pickle=False)
             meta = pd.read_parquet(io.BytesIO(zf.read("metadata.parquet")))
             faiss_bytes = zf.read("index.faiss") if "index.faiss" in names else None
-        if vectors.shape != (manifest["size"], manifest["dim"]) or len(meta) != len(vectors) != len(keys):
+        if (vectors.shape != (manifest["size"], manifest["dim"]) or len(meta) != len(vectors)
+                or len(keys) != len(vectors)):
             raise ValueError(f"{source} is inconsistent (vectors {vectors.shape}, metadata {len(meta)} rows); "
                              "rebuild it with the search_index pipeline")
         self = cls.__new__(cls)

@@ -9,6 +9,7 @@ of the closed set, the preprocessing it expects, the input normalisation and the
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -230,17 +231,14 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
         "spec": model_spec(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": classes,
-        "preprocessing": {k: preprocessing[k] for k in ("image_size", "color_mode", "background") if k in preprocessing},
+        # what the images it learnt from really are (the array's size and channels), not today's parameters
+        "preprocessing": {**{k: preprocessing[k] for k in ("background",) if k in preprocessing},
+                          "image_size": size, "color_mode": "grayscale" if channels == 1 else "rgb"},
         "normalization": {"mean": list(mean), "std": list(std)},
         "distance": p.distance,
         "threshold": None,
     }
     return bundle, result.history, summary
-
-
-def load_bundle(bundle: dict, device: str = "cpu") -> torch.nn.Module:
-    """Rebuild the trained model of a bundle, in eval mode on ``device``."""
-    return Embedder(bundle, device=device).model
 
 
 def embed_cached_features(bundle: dict, features: np.ndarray, rows: np.ndarray | None = None,
@@ -288,7 +286,26 @@ def calibrate_threshold(bundle: dict, embeddings: np.ndarray, split_index: pd.Da
     logger.info("Pair threshold %.4f chosen on %d training pairs (train pair accuracy %.4f).", threshold, len(dist),
                 float(curve["accuracy"].max()))
     unknown = unknown_part_threshold(emb[rows], labels, bundle.get("distance", "euclidean"))
-    return {**bundle, "threshold": float(threshold), "unknown_threshold": unknown}, curve, dist, same
+    calibrated = {**bundle, "threshold": float(threshold), "unknown_threshold": unknown,
+                  "embeddings_digest": embeddings_digest(emb)}
+    return calibrated, curve, dist, same
+
+
+def embeddings_digest(embeddings: np.ndarray) -> str:
+    """SHA-256 of an embeddings array (shape, dtype and bytes): stored in the calibrated model, so whoever reads a
+    model and an embeddings file can tell whether they come from the same run."""
+    arr = np.ascontiguousarray(embeddings)
+    return hashlib.sha256(f"{arr.shape}|{arr.dtype}|".encode() + arr.tobytes()).hexdigest()
+
+
+def check_embeddings_of(bundle: dict, embeddings: np.ndarray, embeddings_name: str, model_name: str) -> None:
+    """Refuse embeddings that are not the ones the model was calibrated with (e.g. the latest versions of the two
+    datasets come from different runs after a failed one). Bundles without a digest are not checked."""
+    expected = bundle.get("embeddings_digest")
+    if expected is not None and embeddings_digest(embeddings) != expected:
+        raise ValueError(f"{embeddings_name} is not the embeddings {model_name} was calibrated with (the latest "
+                         "versions come from different runs, e.g. after a failed run): re-run the model pipeline, "
+                         "or load matching versions with --load-versions")
 
 
 def unknown_part_threshold(train_emb: np.ndarray, train_labels: np.ndarray, distance: str) -> float | None:

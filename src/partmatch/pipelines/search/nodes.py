@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from partmatch import config
 from partmatch.datasets import ImageSource
-from partmatch.ml import evaluation, plots
+from partmatch.ml import evaluation, plots, workflow
 from partmatch.ml.engine import resolve_device
 from partmatch.ml.inference import Embedder
 from partmatch.ml.retrieval import UNKNOWN, GalleryIndex, IndexConfig, identify
@@ -360,7 +360,7 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
     """Open-set rejection of the model, measured, then new part lines added without retraining.
 
     The index holds the model's training photos of the known categories; queries are held-back photos of known
-    categories (val + test) and photos of the unseen categories (split ``open``, never trained on). Returns the
+    categories (test, as in the model's ``metrics.json``) and photos of the unseen categories (split ``open``, never trained on). Returns the
     FMR/FNMR curve over thresholds, its figure with the calibrated operating point, and the numbers: FNMR at
     FMR = 1 %, FMR / FNMR at the calibrated threshold, top-1 accuracy on known parts; then part of each unseen
     category's photos is added to the index (no retraining) and the rest are identified again. Without unseen
@@ -369,18 +369,19 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
     p = config.parse("search", params)
     embedder = _embedder(model, p)
     emb = np.asarray(embeddings, dtype=np.float32)
+    workflow.check_embeddings_of(model, emb, f"{p.model}.embeddings", f"{p.model}.model")
     if len(emb) != len(split_index):
         raise ValueError(f"{p.model}.embeddings has {len(emb)} rows but split_index has {len(split_index)}: the "
                          f"model was trained on another preprocessing run. Re-run kedro run --pipeline={p.model}.")
     labels = _labels(split_index["label"])
     split = split_index["split"].astype(str).to_numpy()
     gallery = np.flatnonzero(split == "train")
-    known_q = np.flatnonzero(np.isin(split, ["val", "test"]))
+    known_q = np.flatnonzero(split == "test")  # as the model's metrics.json (unknown_part_fmr, ...): same numbers
     unseen = np.flatnonzero(split == "open")
     missing = ("no unseen categories in split_index (split.open_set_fraction is 0, or too few categories): set "
                "split.open_set_fraction > 0 in conf/base/parameters_preprocessing.yml, then re-run preprocessing and "
                f"kedro run --pipeline={p.model}" if len(unseen) == 0 else
-               "no held-back photos (val/test) of known categories in split_index to query with"
+               "no held-back test photos of known categories in split_index to query with"
                if len(known_q) == 0 else None)
     if missing is not None:  # nothing to measure: say so in the outputs instead of failing the end of kedro run
         logger.warning("search_eval skipped: %s.", missing)

@@ -25,8 +25,11 @@ def cache_backbone_features(image_array: np.ndarray, params: dict[str, Any]) -> 
 
 def train_model(image_array: np.ndarray, split_index: pd.DataFrame, params: dict[str, Any],
                 preprocessing: dict[str, Any]) -> tuple[dict, pd.DataFrame, dict]:
-    """Train on the train split (early stopping on val); return the model bundle, per-epoch history and summary."""
-    return train_model_on_features(image_array, np.zeros((0, 0), np.float32), split_index, params, preprocessing)
+    """Train on the train split (early stopping on val); return the model bundle, per-epoch history and summary.
+    A frozen pretrained backbone (``train_mode: frozen``) has its features computed here, kept in memory only
+    (the ``siamese_pretrained`` pipeline caches them as a dataset instead)."""
+    features = cache_backbone_features(image_array, params)
+    return train_model_on_features(image_array, features, split_index, params, preprocessing)
 
 
 def train_model_on_features(image_array: np.ndarray, backbone_features: np.ndarray, split_index: pd.DataFrame,
