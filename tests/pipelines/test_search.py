@@ -280,6 +280,9 @@ def test_index_built_with_another_model_is_refused(index, bundle, tmp_path):
         nodes.identify_query_photos(bundle, gallery, stale, queries_in(tmp_path / "q"), SEARCH)
     with pytest.raises(nodes.IndexMismatchError, match="different versions"):
         nodes.remove_from_catalogue_index(gallery, stale, {**SEARCH, "remove": "Caliper"})
+    same_size = {**card, "ids_digest": "0" * 64}  # another version holding as many photos (remove, then add)
+    with pytest.raises(nodes.IndexMismatchError, match="different versions"):
+        nodes.identify_query_photos(bundle, gallery, same_size, queries_in(tmp_path / "q"), SEARCH)
 
 
 def test_html_report_is_self_contained_and_marks_wrong_matches(index, bundle, tmp_path):

@@ -109,7 +109,8 @@ def _vector_metadata(source: ImageSource, rows: pd.DataFrame) -> tuple[list[str]
 def _info_counts(index: GalleryIndex) -> dict[str, Any]:
     """What the index holds: vectors, part names, engine, photos per part."""
     labels = pd.Series(index.labels, dtype=object)
-    return {"vectors": int(len(index)), "parts": int(labels.nunique()), "kind": index.kind,
+    return {"vectors": int(len(index)), "ids_digest": _ids_digest(index), "parts": int(labels.nunique()),
+            "kind": index.kind,
             "photos_per_part": {str(k): int(v) for k, v in labels.value_counts().sort_index().items()}}
 
 
@@ -121,9 +122,14 @@ def _info(index: GalleryIndex, embedder: Embedder, p: config.SearchParams, finge
             **_info_counts(index), "history": history}
 
 
+def _ids_digest(index: GalleryIndex) -> str:
+    """SHA-256 of the index's ids in order: which photos it holds (two versions of the same size differ here)."""
+    return hashlib.sha256("\n".join(map(str, index.ids)).encode()).hexdigest()
+
+
 def _check_card(info: dict, index: GalleryIndex) -> None:
     """The card saved beside the index must describe this very index version."""
-    if info.get("vectors") != len(index):
+    if info.get("vectors") != len(index) or info.get("ids_digest", _ids_digest(index)) != _ids_digest(index):
         raise IndexMismatchError(
             f"The catalogue index ({len(index)} photos) and its card ({info.get('vectors')} photos) are different "
             "versions (search.catalogue_index / search.catalogue_index_card): load matching versions with "
