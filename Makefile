@@ -36,7 +36,7 @@ mlflow-ui: install
 
 # The newest identification model logged for MODEL (default the recommended one), on 127.0.0.1:5001.
 serve: install
-	MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/mlflow models serve -m "$$($(BIN)/python -m partmatch.serving $(or $(MODEL),siamese_pretrained))" --env-manager local -h 127.0.0.1 -p 5001
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/mlflow models serve -m "$$($(BIN)/python -m partmatch.serving $(or $(MODEL),siamese_pretrained))" --env-manager local -h 127.0.0.1 -p 5001
 
 bench: install
 	$(BIN)/python bench/compare_models.py

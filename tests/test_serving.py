@@ -256,7 +256,11 @@ def test_served_model_answers_photos_and_rejects_malformed_requests(trained, tmp
     project = trained["project"]
     (model,) = _logged_models(project, trained["parent"].info.run_id)
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    # the scoring server execs `uvicorn` from PATH: the virtual environment's bin must be on it even when the
+    # tests run as .venv/bin/python without an activated environment (make test, CI)
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     log = (tmp_path / "server.log").open("wb")
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
