@@ -247,11 +247,11 @@ def rejection_curve_figure(
         idx = max(int(np.searchsorted(df["threshold"].to_numpy(), t, side="right")) - 1, 0)
         fmr, fnmr = float(df["fmr"].iloc[idx]), float(df["fnmr"].iloc[idx])
         ax.axvline(t, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
-                   label=f"calibrated threshold = {t:.3f} (FMR {fmr:.1%}, FNMR {fnmr:.1%})")
+                   label=f"model's unknown-part threshold = {t:.3f} (FMR {fmr:.1%}, FNMR {fnmr:.1%})")
         ax_det.plot([max(fmr, 1e-4)], [fnmr], marker="o", color=THRESHOLD_COLOR, markersize=7, linestyle="none",
-                    label=f"calibrated threshold (FMR {fmr:.1%}, FNMR {fnmr:.1%})")
-    ax.set_xlabel(f"Threshold on the nearest catalogue distance: {distance_label}\n"
-                  "(query answered 'unknown part' if its nearest distance > threshold)")
+                    label=f"unknown-part threshold (FMR {fmr:.1%}, FNMR {fnmr:.1%})")
+    ax.set_xlabel(f"Threshold on the nearest catalogue distance\n({distance_label};\n"
+                  "a query is answered 'unknown part' when its nearest distance > threshold)")
     ax.set_ylabel("Share of queries")
     ax.set_ylim(-0.02, 1.05)
     ax.set_title("Open-set rejection vs threshold")
