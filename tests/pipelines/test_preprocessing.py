@@ -1,5 +1,7 @@
 """Preprocessing nodes: decode once into aligned uint8 arrays, then split."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +10,11 @@ from PIL import Image
 from partmatch.config import ParameterError
 from partmatch.datasets import ImageSourceDataset
 from partmatch.pipelines.ingestion.nodes import clean_manifest, scan_source
-from partmatch.pipelines.preprocessing.nodes import preprocess_images, split_images
+from partmatch.pipelines.preprocessing.nodes import (
+    PreprocessingError,
+    preprocess_images,
+    split_images,
+)
 from tests.conftest import make_photo, save_jpeg
 
 
@@ -39,13 +45,70 @@ def test_rgb_mode(photo_folder):
     assert images.shape[1:] == (3, 24, 24)
 
 
-def test_file_changed_after_ingestion_is_skipped_not_fatal(tmp_path):
-    for i in range(3):
+def test_file_changed_after_ingestion_is_skipped_not_fatal(tmp_path, caplog):
+    for i in range(4):
         save_jpeg(make_photo(0, seed=i), tmp_path / "A" / f"{i}.jpg")
     source, clean = cleaned(tmp_path)
     (tmp_path / "A" / "1.jpg").write_bytes(b"garbage")
-    images, index = preprocess_images(source, clean, {"image_size": 16})
-    assert len(images) == len(index) == 2 and "A/1.jpg" not in set(index["path"])
+    save_jpeg(make_photo(2, seed=9), tmp_path / "A" / "2.jpg")          # another valid photo, same name
+    with caplog.at_level("WARNING", logger="partmatch.pipelines.preprocessing.nodes"):
+        images, index = preprocess_images(source, clean, {"image_size": 16})
+    assert list(index["path"]) == ["A/0.jpg", "A/3.jpg"] and len(images) == 2
+    assert list(index["sha256"]) == list(clean.set_index("path").loc[["A/0.jpg", "A/3.jpg"], "sha256"])
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preprocessing skipped A/")]
+    assert [m.split(":")[0] for m in skipped] == ["preprocessing skipped A/1.jpg", "preprocessing skipped A/2.jpg"]
+    assert all("bytes changed since ingestion" in m for m in skipped)
+    assert "preprocessing skipped 2 of 4 files (2 changed or missing since ingestion, 0 failed)." in caplog.messages
+
+
+def two_sources(tmp_path, same_names=True):
+    """Folders A and B with different photos; B's files have A's names (same_names) or other names."""
+    for i in range(4):
+        save_jpeg(make_photo(0, seed=i), tmp_path / "A" / "Disc" / f"{i}.jpg")
+        save_jpeg(make_photo(1, seed=50 + i), tmp_path / "B" / "Disc" / (f"{i}.jpg" if same_names else f"b{i}.jpg"))
+    source_a, clean = cleaned(tmp_path / "A")
+    source_b = ImageSourceDataset(path=str(tmp_path / "B")).load()
+    return source_a, source_b, clean
+
+
+@pytest.mark.parametrize("same_names", [True, False])
+def test_another_raw_source_than_ingestion_fails_naming_both(tmp_path, same_names):
+    _, source_b, clean = two_sources(tmp_path, same_names)
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    clean = clean.assign(source_root=a)                  # what ingestion records of the source it scanned
+    why = "bytes changed since ingestion" if same_names else r"missing from raw_source"
+    with pytest.raises(PreprocessingError, match=(
+            rf"^clean_manifest was made from {re.escape(a)}, but raw_source is now {re.escape(b)}: more than 50% "
+            rf"of its 4 files are missing or have other bytes than ingestion hashed \(e\.g\. Disc/0\.jpg: {why}"
+            rf".*Re-run ingestion on this source \(kedro run --pipeline ingestion --params=raw_source={re.escape(b)}\) "
+            rf"or pass --params=raw_source={re.escape(a)}\.$")):
+        preprocess_images(source_b, clean, {"image_size": 16})
+
+
+def test_another_source_without_recorded_root_still_fails(tmp_path):
+    source_a, source_b, clean = two_sources(tmp_path)
+    with pytest.raises(PreprocessingError, match=r"^clean_manifest was made from another source \(its root is not "
+                                                  rf"recorded\), but raw_source is now {re.escape(source_b.root)}"):
+        preprocess_images(source_b, clean, {"image_size": 16})
+    images, index = preprocess_images(source_a, clean, {"image_size": 16})      # the right source still works
+    assert list(index["path"]) == [f"Disc/{i}.jpg" for i in range(4)] and images.shape == (4, 1, 16, 16)
+
+
+def test_three_of_four_changed_is_another_source_two_is_not(tmp_path):
+    source_a, _, clean = two_sources(tmp_path)
+    for i in (1, 2):
+        save_jpeg(make_photo(3, seed=70 + i), tmp_path / "A" / "Disc" / f"{i}.jpg")
+    _, index = preprocess_images(source_a, clean, {"image_size": 16})            # 2/4 = 50 %: skipped
+    assert list(index["path"]) == ["Disc/0.jpg", "Disc/3.jpg"]
+    save_jpeg(make_photo(3, seed=73), tmp_path / "A" / "Disc" / "3.jpg")
+    with pytest.raises(PreprocessingError, match=r"more than 50% of its 4 files"):
+        preprocess_images(source_a, clean, {"image_size": 16})
+
+
+def test_empty_manifest_fails_instead_of_writing_an_empty_array(tmp_path):
+    source_a, _, clean = two_sources(tmp_path)
+    with pytest.raises(PreprocessingError, match=r"^clean_manifest has 0 images: nothing to preprocess"):
+        preprocess_images(source_a, clean.iloc[:0], {"image_size": 16})
 
 
 def test_bad_color_mode_fails_before_work(photo_folder):
@@ -83,6 +146,18 @@ def test_real_carparts_preprocess_sample(carparts):
     assert clean["label"].nunique() == 35
     images, index = preprocess_images(source, clean, {"image_size": 64})
     assert images.shape == (70, 1, 64, 64)
-    split_index, summary, _ = split_images(index, {"open_set_fraction": 0.2})
+    _, summary, _ = split_images(index, {"open_set_fraction": 0.2})
     assert len(summary["open_set_classes"]) == 7
     assert summary["splits"]["train"]["categories"] == 28
+
+
+def test_nothing_decodable_fails_with_the_first_reason(tmp_path, monkeypatch):
+    source_a, _, clean = two_sources(tmp_path)
+
+    def undecodable(data, **kw):
+        raise OSError("decoder broke")
+    monkeypatch.setattr("partmatch.pipelines.preprocessing.nodes.preprocess_bytes", undecodable)
+    with pytest.raises(PreprocessingError, match=rf"^0 of 4 images could be preprocessed from raw_source "
+                                                  rf"{re.escape(source_a.root)}; first failure: Disc/0\.jpg: "
+                                                  r"OSError: decoder broke\."):
+        preprocess_images(source_a, clean, {"image_size": 16})
