@@ -55,3 +55,11 @@ def test_duplicates_within_and_across_categories():
     assert "conflict" in reasons[2] and "conflict" in reasons[3]
     assert reasons[4] is None
     assert conflicts == [{"sha256": "h2", "labels": ["a", "b"], "paths": ["a/3.jpg", "b/1.jpg"]}]
+
+
+def test_one_file_listed_under_two_labels_is_a_conflict():
+    manifest = pd.DataFrame({"path": ["x.jpg", "x.jpg", "y.jpg"], "label": ["a", "b", "a"],
+                             "sha256": ["h1", "h1", "h2"]})
+    reasons, conflicts = find_duplicates(manifest)
+    assert list(reasons) == ["duplicate conflict: the manifest lists this file under ['a', 'b']"] * 2 + [None]
+    assert conflicts == [{"sha256": "h1", "labels": ["a", "b"], "paths": ["x.jpg", "x.jpg"]}]

@@ -69,3 +69,45 @@ def test_torch_model_dataset_round_trip(tmp_path):
     ds.save(ckpt)
     back = TorchModelDataset(filepath=str(tmp_path / "m.pt"), version=Version("v1", None)).load()
     assert back["spec"] == ckpt["spec"] and torch.equal(back["state_dict"]["w"], ckpt["state_dict"]["w"])
+
+
+def test_csv_with_bom_and_semicolons_repeats_read_once(tmp_path):
+    save_jpeg(make_photo(0), tmp_path / "imgs" / "a.jpg")
+    rows = ["filepaths;labels;data set", "imgs/a.jpg;Rim;Train", "./imgs/a.jpg;Rim;train", "imgs/a.jpg;Radio;test",
+            "imgs/b.jpg;NA;"]
+    (tmp_path / "m.csv").write_bytes("\ufeff".encode() + "\n".join(rows).encode() + b"\n")
+    src = ImageSourceDataset(path=str(tmp_path / "m.csv")).load()
+    assert src.records[["path", "label"]].values.tolist() == [["imgs/a.jpg", "Rim"], ["imgs/a.jpg", "Radio"],
+                                                              ["imgs/b.jpg", "NA"]]
+    assert src.records["split_hint"].fillna("-").tolist() == ["train", "test", "-"]
+    assert src.files == {"imgs/a.jpg": str(tmp_path / "imgs" / "a.jpg"), "imgs/b.jpg": str(tmp_path / "imgs" / "b.jpg")}
+
+
+def test_outside_root_resolves_links_and_dotdot(tmp_path):
+    save_jpeg(make_photo(0), tmp_path / "out.jpg")
+    save_jpeg(make_photo(1), tmp_path / "src" / "A" / "in.jpg")
+    (tmp_path / "src" / "A" / "in_link.jpg").symlink_to(tmp_path / "src" / "A" / "in.jpg")
+    (tmp_path / "src" / "A" / "out_link.jpg").symlink_to(tmp_path / "out.jpg")
+    src = ImageSourceDataset(path=str(tmp_path / "src")).load()
+    assert src.outside_root("A/in.jpg") is None and src.outside_root("A/in_link.jpg") is None
+    assert src.outside_root("A/out_link.jpg") == str((tmp_path / "out.jpg").resolve())
+    csv = write_csv_manifest(tmp_path / "src", [("A/in.jpg", "A", "train"), ("A/../../out.jpg", "A", "train"),
+                                                (str(tmp_path / "out.jpg"), "A", "train")])
+    src = ImageSourceDataset(path=str(csv)).load()
+    assert list(src.records["path"]) == ["A/in.jpg", "../out.jpg", str(tmp_path / "out.jpg")]
+    assert [src.outside_root(k) for k in src.records["path"]] == [None] + [str((tmp_path / "out.jpg").resolve())] * 2
+
+
+def test_non_utf8_and_hidden_names_are_reported_not_listed(tmp_path):
+    import os
+
+    save_jpeg(make_photo(0), tmp_path / "A" / "ok.jpg")
+    with open(os.fsencode(tmp_path / "A") + b"/\xff.jpg", "wb") as f:
+        f.write(b"x")
+    (tmp_path / "A" / ".hidden.jpg").write_bytes(b"x")
+    src = ImageSourceDataset(path=str(tmp_path)).load()
+    assert list(src.records["path"]) == ["A/ok.jpg"]
+    assert src.skipped == [
+        {"path": "A/\\xff.jpg", "label": "A", "stage": "quarantine",
+         "reason": "file or folder name is not valid UTF-8 (undecodable bytes shown as \\x..): 'A/\\xff.jpg'"},
+        {"path": "A/.hidden.jpg", "reason": "hidden file: name starts with '.', not read"}]

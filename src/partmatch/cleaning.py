@@ -57,7 +57,8 @@ def find_duplicates(manifest: pd.DataFrame) -> tuple[pd.Series, list[dict]]:
     """Flag exact byte duplicates; return (drop reasons aligned to manifest, list of cross-category conflicts).
 
     Same bytes within one category: the first file (by path) is kept, the others dropped.
-    Same bytes in two or more categories: a labelling conflict, every copy is dropped.
+    Same bytes in two or more categories: a labelling conflict, every copy is dropped - including one file that
+    a CSV manifest lists under two labels (same path twice), which is never silently kept under one of them.
     """
     reasons = pd.Series([None] * len(manifest), index=manifest.index, dtype=object)
     conflicts: list[dict] = []
@@ -66,9 +67,14 @@ def find_duplicates(manifest: pd.DataFrame) -> tuple[pd.Series, list[dict]]:
             continue
         labels = sorted(group["label"].unique())
         if len(labels) > 1:
-            conflicts.append({"sha256": digest, "labels": labels, "paths": sorted(group["path"])})
+            paths = sorted(group["path"])
+            conflicts.append({"sha256": digest, "labels": labels, "paths": paths})
+            if len(set(paths)) == 1:
+                reason = f"duplicate conflict: the manifest lists this file under {labels}"
+            else:
+                reason = f"duplicate conflict: identical bytes filed under {labels}"
             for idx in group.index:
-                reasons[idx] = f"duplicate conflict: identical bytes filed under {labels}"
+                reasons[idx] = reason
         else:
             first = group["path"].iloc[0]
             for idx in group.index[1:]:

@@ -7,9 +7,12 @@ every node receives an :class:`ImageSource` and reads bytes only through its loa
 
 from __future__ import annotations
 
+import csv
+import functools
 import io
 import logging
 import os
+import posixpath
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -40,13 +43,21 @@ SPLIT_FOLDER_NAMES = {"train", "training", "valid", "validation", "val", "test",
 
 @dataclass
 class ImageSource:
-    """A raw photo collection: one row per file (key, label, split hint) and a lazy byte loader per key."""
+    """A raw photo collection: one row per file (key, label, split hint) and a lazy byte loader per key.
+
+    ``records`` holds one row per distinct (path, label): a CSV listing a file twice under one label gives one
+    row, under two labels two rows with the same path (a labelling conflict the cleaning rules drop).
+    ``files`` maps each key to its location on disk, so callers can refuse keys that resolve outside ``root``.
+    """
 
     root: str
     kind: str  # "folder" | "csv"
     records: pd.DataFrame  # columns: path, label, split_hint
     loaders: dict[str, Callable[[], bytes]] = field(repr=False)
-    skipped: list[dict] = field(default_factory=list)  # files outside any category folder
+    # files that are not photos of a category, each {"path", "reason"} (optional "label", "stage": "quarantine" for
+    # a file refused before reading, e.g. a name that is not valid UTF-8); paths and labels always valid UTF-8
+    skipped: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict, repr=False)  # key -> path on disk
 
     def read_bytes(self, key: str) -> bytes:
         """Return the bytes of one file of the source (the only way nodes open raw photos).
@@ -61,6 +72,21 @@ class ImageSource:
             if isinstance(cause, OSError):
                 raise cause from None
             raise
+
+    def outside_root(self, key: str) -> str | None:
+        """Where ``key`` really lies when that is outside ``root`` (a ``..`` or absolute manifest path, a symlink
+        to a file or folder elsewhere), else None. Symlinks are resolved, so a link inside the folder to a file
+        inside it is fine."""
+        file = self.files.get(key)
+        if file is None:
+            return None
+        root = os.path.realpath(self.root)
+        real = os.path.realpath(file)
+        try:
+            inside = os.path.commonpath([root, real]) == root
+        except ValueError:  # different drives (Windows)
+            inside = False
+        return None if inside else real
 
 
 class BytesDataset(AbstractDataset[bytes, bytes]):
@@ -166,23 +192,40 @@ class ImageSourceDataset(AbstractDataset[ImageSource, None]):
             if "No partitions found" not in str(exc):
                 raise
             partitions = {}
-        rows, loaders, skipped = [], {}, []
+        rows, loaders, skipped, files, hidden = [], {}, [], {}, {}
         for key in sorted(partitions):
             parts = PurePosixPath(key).parts
-            if any(p.startswith(".") for p in parts):
+            first_hidden = next((i for i, p in enumerate(parts) if p.startswith(".")), None)
+            if first_hidden is not None:  # one report entry per hidden file or hidden folder (e.g. .git)
+                top = printable("/".join(parts[: first_hidden + 1]))
+                hidden.setdefault(top, [first_hidden == len(parts) - 1, 0])[1] += 1
                 continue
             if len(parts) < 2:
-                skipped.append({"path": key, "reason": "file directly in the source folder, not in a category folder"})
+                link = os.path.join(str(path), key)
+                reason = ("file directly in the source folder, not in a category folder" if not os.path.islink(link)
+                          else f"symbolic link directly in the source folder (to {printable(os.path.realpath(link))}), "
+                          "not followed")
+                skipped.append({"path": printable(key), "reason": reason})
+                continue
+            if not _is_utf8(key):
+                skipped.append({"path": printable(key), "label": printable(parts[-2]), "stage": "quarantine",
+                                "reason": _NOT_UTF8.format(printable(key))})
                 continue
             rows.append({"path": key, "label": parts[-2], "split_hint": _split_hint(parts)})
             loaders[key] = partitions[key]
+            files[key] = os.path.join(str(path), key)
+        for top, (is_file, n) in hidden.items():
+            what = "hidden file" if is_file else f"hidden folder ({n} file(s))"
+            skipped.append({"path": top, "reason": f"{what}: name starts with '.', not read"})
         records = pd.DataFrame(rows, columns=["path", "label", "split_hint"])
-        return ImageSource(root=str(path), kind="folder", records=records, loaders=loaders, skipped=skipped)
+        return ImageSource(root=str(path), kind="folder", records=records, loaders=loaders, skipped=skipped,
+                           files=files)
 
     def _load_csv(self, path: Path) -> ImageSource:
         try:
-            table = pd.read_csv(path)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            table = pd.read_csv(path, sep=_sniff_separator(path), dtype=object, keep_default_na=False,
+                                encoding="utf-8-sig", encoding_errors="surrogateescape")
+        except Exception as exc:
             raise DatasetError(f"Cannot read CSV manifest '{path}': {exc}") from exc
         table.columns = [str(c).strip() for c in table.columns]
         missing = [c for c in CSV_REQUIRED_COLUMNS if c not in table.columns]
@@ -192,17 +235,77 @@ class ImageSourceDataset(AbstractDataset[ImageSource, None]):
                 "manifest needs 'filepaths' (relative to the CSV's folder) and 'labels' (optional 'data set')."
             )
         base = path.parent
-        hints = table[CSV_SPLIT_COLUMN] if CSV_SPLIT_COLUMN in table.columns else pd.Series([None] * len(table))
-        rows, loaders = [], {}
+        hints = table[CSV_SPLIT_COLUMN] if CSV_SPLIT_COLUMN in table.columns else [""] * len(table)
+        # One row per (file, label) before anything is read: 100,000 rows naming one file are one photo, and one
+        # file under two labels stays two rows (a conflict that cleaning drops, never a silent keep-one).
+        rows: dict[tuple[str, str], dict] = {}
+        skipped: dict[tuple[str, str], dict] = {}
         for rel, label, hint in zip(table["filepaths"], table["labels"], hints, strict=True):
-            rel, label = str(rel).strip(), str(label).strip()
-            if rel in loaders:
+            rel, label = _normalise_rel(str(rel).strip()), str(label).strip()
+            if (rel, label) in rows or (rel, label) in skipped:
                 continue
-            split_hint = None if hint is None or pd.isna(hint) else str(hint).strip().lower()
-            rows.append({"path": rel, "label": label, "split_hint": split_hint})
-            loaders[rel] = BytesDataset(filepath=str(base / rel)).load
-        records = pd.DataFrame(rows, columns=["path", "label", "split_hint"])
-        return ImageSource(root=str(base), kind="csv", records=records, loaders=loaders)
+            if not (_is_utf8(rel) and _is_utf8(label)):
+                skipped[(rel, label)] = {"path": printable(rel), "label": printable(label), "stage": "quarantine",
+                                         "reason": _NOT_UTF8.format(printable(rel))}
+                continue
+            hint = printable(hint).strip().lower()
+            rows[(rel, label)] = {"path": rel, "label": label, "split_hint": hint or None}
+        n_rows = len(table)
+        if len(rows) + len(skipped) < n_rows:
+            logger.info("CSV manifest %s: %d row(s) repeat a file already listed under the same label (read once).",
+                        path, n_rows - len(rows) - len(skipped))
+        records = pd.DataFrame(list(rows.values()), columns=["path", "label", "split_hint"])
+        files = {key: os.path.join(str(base), key) for key in records["path"].unique()}
+        loaders = {key: functools.partial(_read_file, file) for key, file in files.items()}
+        return ImageSource(root=str(base), kind="csv", records=records, loaders=loaders,
+                           skipped=list(skipped.values()), files=files)
+
+
+_NOT_UTF8 = "file or folder name is not valid UTF-8 (undecodable bytes shown as \\x..): '{}'"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: Any) -> str:
+    """``text`` as valid UTF-8: a file name with undecodable bytes (kept by Python as surrogates) shows them as
+    ``\\xff`` escapes, so reports, Parquet and CSV can always be written and still name the file."""
+    s = str(text)
+    if _is_utf8(s):
+        return s
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _sniff_separator(path: Path) -> str:
+    """The CSV's separator: the first of , ; tab | whose split header names every required column."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            header = f.readline()
+    except OSError:
+        return ","
+    for sep in (",", ";", "\t", "|"):
+        columns = {c.strip() for c in next(csv.reader([header], delimiter=sep), [])}
+        if all(c in columns for c in CSV_REQUIRED_COLUMNS):
+            return sep
+    return ","
+
+
+def _normalise_rel(rel: str) -> str:
+    """A manifest path in one spelling ('./a/b.jpg', 'a//b.jpg' -> 'a/b.jpg'); '..' is kept (refused later)."""
+    return posixpath.normpath(rel) if rel else rel
+
+
+def _read_file(file: str) -> bytes:
+    with open(file, "rb") as f:
+        return f.read()
 
 
 def _same_path(a: Path, b: Path) -> bool:

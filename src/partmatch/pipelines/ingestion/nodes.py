@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from partmatch import config
 from partmatch.cleaning import find_duplicates, matched_family, unsafe_label_reason
-from partmatch.datasets import ImageSource
+from partmatch.datasets import ImageSource, printable
 from partmatch.imaging import IMAGE_EXTENSIONS, inspect_image
 from partmatch.tracking import as_mlflow_metrics
 
@@ -27,35 +27,57 @@ class CleaningError(RuntimeError):
 
 
 def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read and fully decode every file once; return the manifest of good images and the quarantine list."""
+    """Read and fully decode every file once; return the manifest of good images and the quarantine list.
+
+    Every record ends in exactly one of the two. Refused before any byte is read: names that are not valid
+    UTF-8, files that resolve outside the source folder (unless ``ingestion.allow_outside_root``), unsafe
+    category names and non-image extensions. A file listed under several labels is read and decoded once.
+    """
     p = config.parse("ingestion", params)
     max_bytes = int(p.max_file_mb * 1024 * 1024)
-    good, bad = [], [{**s, "label": None, "stage": "scan"} for s in raw_images.skipped]
+    good = []
+    bad = [{"path": printable(s["path"]), "label": None if s.get("label") is None else printable(s["label"]),
+            "stage": s.get("stage", "scan"), "reason": printable(s["reason"])} for s in raw_images.skipped]
+    inspected: dict[str, tuple[Any, str | None]] = {}
+
+    def inspect(key: str) -> tuple[Any, str | None]:
+        if key not in inspected:
+            try:
+                data = raw_images.read_bytes(key)
+            except FileNotFoundError:
+                inspected[key] = (None, f"file not found under {printable(raw_images.root)}")
+            except OSError as exc:
+                inspected[key] = (None, printable(f"cannot read file: {type(exc).__name__}: {exc}"))
+            else:
+                info = inspect_image(data, max_bytes=max_bytes, max_pixels=p.max_pixels, min_side=p.min_side)
+                inspected[key] = (info, info.error)
+        return inspected[key]
+
     for rec in tqdm(raw_images.records.itertuples(index=False), total=len(raw_images.records),
                     desc="ingestion: verifying images", unit="img", mininterval=2):
-        reason = unsafe_label_reason(rec.label)
+        path, label = printable(rec.path), printable(rec.label)  # records hold valid UTF-8 (see ImageSource)
+        reason = None
+        if not p.allow_outside_root:
+            target = raw_images.outside_root(rec.path)
+            if target is not None:
+                reason = (f"outside the source folder: resolves to {printable(target)}, not below "
+                          f"{printable(raw_images.root)} (ingestion.allow_outside_root is false)")
+        if reason is None:
+            reason = unsafe_label_reason(rec.label)
         if reason is None and PurePosixPath(rec.path).suffix.lower() not in IMAGE_EXTENSIONS:
             reason = f"not an image file (extension '{PurePosixPath(rec.path).suffix}')"
         if reason is None:
-            try:
-                data = raw_images.read_bytes(rec.path)
-            except FileNotFoundError:
-                reason = f"file not found under {raw_images.root}"
-            except OSError as exc:
-                reason = f"cannot read file: {type(exc).__name__}: {exc}"
-        if reason is None:
-            info = inspect_image(data, max_bytes=max_bytes, max_pixels=p.max_pixels, min_side=p.min_side)
-            if info.error is None:
+            info, reason = inspect(rec.path)
+            if reason is None:
                 good.append({"path": rec.path, "label": rec.label, "split_hint": rec.split_hint, "sha256": info.sha256,
                              "width": info.width, "height": info.height, "mode": info.mode, "format": info.format,
                              "exif_orientation": info.exif_orientation, "bytes": info.bytes})
                 continue
-            reason = info.error
-        bad.append({"path": rec.path, "label": rec.label, "stage": "quarantine", "reason": reason})
+        bad.append({"path": path, "label": label, "stage": "quarantine", "reason": reason})
     manifest = pd.DataFrame(good, columns=MANIFEST_COLUMNS).astype({"exif_orientation": "Int64"})
     quarantine = pd.DataFrame(bad, columns=DROP_COLUMNS)
-    logger.info("Scanned %d files: %d usable, %d quarantined.", len(raw_images.records), len(manifest),
-                int((quarantine["stage"] == "quarantine").sum()))
+    logger.info("Scanned %d files: %d usable, %d quarantined, %d skipped.", len(raw_images.records), len(manifest),
+                int((quarantine["stage"] == "quarantine").sum()), int((quarantine["stage"] == "scan").sum()))
     return manifest, quarantine
 
 
@@ -107,7 +129,11 @@ def summarise_cleaning(raw_manifest: pd.DataFrame, dropped: pd.DataFrame, clean:
     """Write the human-readable cleaning report; return (markdown, counts as JSON, counts as MLflow metrics)."""
     p = config.parse("ingestion", params)
     n_quarantined = int((dropped["stage"] == "quarantine").sum())
-    files_before = len(raw_manifest) + n_quarantined
+    n_skipped = int((dropped["stage"] == "scan").sum())
+    # Every entry of the source (a file, or a (file, label) row of a CSV) is in exactly one of: the clean
+    # manifest, or the dropped list under one stage. So files_before = images_before + quarantined + skipped and
+    # images_before = images_after + duplicates_dropped + excluded_family_images + rare_category_images.
+    files_before = len(raw_manifest) + n_quarantined + n_skipped
     labels_before = set(raw_manifest["label"]) | set(dropped.loc[dropped["stage"] == "quarantine", "label"].dropna())
     by_stage = dropped.groupby("stage").size().to_dict()
     counts = {
@@ -117,7 +143,7 @@ def summarise_cleaning(raw_manifest: pd.DataFrame, dropped: pd.DataFrame, clean:
         "images_after": len(clean),
         "categories_after": int(clean["label"].nunique()),
         "quarantined": n_quarantined,
-        "skipped": int(by_stage.get("scan", 0)),
+        "skipped": n_skipped,
         "duplicates_dropped": int(by_stage.get("duplicate", 0)),
         "excluded_family_images": int(by_stage.get("excluded_family", 0)),
         "rare_category_images": int(by_stage.get("rare_category", 0)),
@@ -131,18 +157,25 @@ def summarise_cleaning(raw_manifest: pd.DataFrame, dropped: pd.DataFrame, clean:
         "| | images | categories |", "|---|---:|---:|",
         f"| before (decodable) | {counts['images_before']} | {counts['categories_before']} |",
         f"| after | {counts['images_after']} | {counts['categories_after']} |", "",
-        f"Files scanned: {files_before}. Quarantined: {n_quarantined}. Exact duplicates dropped: "
-        f"{counts['duplicates_dropped']}. Photos in excluded keyword families: {counts['excluded_family_images']} "
-        f"({counts['excluded_family_categories']} categories). Photos in categories with fewer than "
-        f"{p.min_images_per_class} photos: {counts['rare_category_images']} ({counts['rare_categories']} categories).",
+        (f"Files scanned: {files_before}. Quarantined: {n_quarantined}. Skipped (hidden, or not in a category "
+         f"folder): {n_skipped}. Exact duplicates dropped: "
+         f"{counts['duplicates_dropped']}. Photos in excluded keyword families: {counts['excluded_family_images']} "
+         f"({counts['excluded_family_categories']} categories). Photos in categories with fewer than "
+         f"{p.min_images_per_class} photos: {counts['rare_category_images']} ({counts['rare_categories']} "
+         "categories)."),
         "", f"Excluded families: {', '.join(p.excluded_families)} (rule: see conf/base/parameters_ingestion.yml).",
         "", "## Dropped categories", "", "| category | stage | reason | photos |", "|---|---|---|---:|",
-        *[f"| {r.label} | {r.stage} | {r.reason} | {r.photos} |" for r in cat_drops.itertuples()],
+        *[f"| {_cell(r.label)} | {r.stage} | {_cell(r.reason)} | {r.photos} |" for r in cat_drops.itertuples()],
         "", "## Every dropped or quarantined file", "", "| file | category | stage | reason |", "|---|---|---|---|",
-        *[f"| {r.path} | {'-' if pd.isna(r.label) else r.label} | {r.stage} | {r.reason} |"
+        *[f"| {_cell(r.path)} | {'-' if pd.isna(r.label) else _cell(r.label)} | {r.stage} | {_cell(r.reason)} |"
           for r in dropped.itertuples()], "",
     ]
     logger.info("Cleaning: %d images / %d categories -> %d images / %d categories.", counts["images_before"],
                 counts["categories_before"], counts["images_after"], counts["categories_after"])
     metrics = as_mlflow_metrics(counts)
     return "\n".join(lines), counts, metrics
+
+
+def _cell(text: Any) -> str:
+    """One Markdown table cell: a newline or '|' in a file or category name cannot break the table."""
+    return printable(text).replace("|", "\\|").replace("\r", "\\r").replace("\n", "\\n")
