@@ -58,6 +58,12 @@ class ImageSource:
     # a file refused before reading, e.g. a name that is not valid UTF-8); paths and labels always valid UTF-8
     skipped: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict, repr=False)  # key -> path on disk
+    source: str = ""  # the source as given (raw_source: a folder or the CSV file); "" = root
+
+    @property
+    def given(self) -> str:
+        """What the user passed as the source (``--params=raw_source=...``)."""
+        return self.source or self.root
 
     def read_bytes(self, key: str) -> bytes:
         """Return the bytes of one file of the source (the only way nodes open raw photos).
@@ -172,6 +178,7 @@ class ImageSourceDataset(AbstractDataset[ImageSource, None]):
             source = self._load_csv(path)
         else:
             source = self._load_folder(path)
+        source.source = self._path
         if source.records.empty:
             raise DatasetError(
                 f"raw_source '{self._path}' contains no image files in category folders. Expected "

@@ -343,3 +343,13 @@ def test_hostile_folder_every_file_accounted_for(tmp_path):
                       "skipped": 4, "duplicates_dropped": 1, "excluded_family_images": 2, "rare_category_images": 1}
     assert_counts_add_up(counts)
     write_manifests(tmp_path, manifest, quarantine, clean, dropped)
+
+
+def test_manifest_records_the_source_it_was_made_from(tmp_path):
+    """The raw_source as the user gave it (the CSV file for a manifest), so preprocessing can name it."""
+    for i in range(2):
+        save_jpeg(make_photo(0, seed=i), tmp_path / "photos" / "Disc" / f"{i}.jpg")
+    csv = write_csv_manifest(tmp_path / "photos", [(f"Disc/{i}.jpg", "Disc", "train") for i in range(2)])
+    for given in (str(tmp_path / "photos"), str(csv)):
+        manifest, _ = scan_source(ImageSourceDataset(path=given).load(), {})
+        assert list(manifest["source_root"]) == [given, given]

@@ -17,8 +17,9 @@ from partmatch.tracking import as_mlflow_metrics
 
 logger = logging.getLogger(__name__)
 
+# source_root: the raw_source the manifest was made from (preprocessing names it when the source changed)
 MANIFEST_COLUMNS = ["path", "label", "split_hint", "sha256", "width", "height", "mode", "format",
-                    "exif_orientation", "bytes"]
+                    "exif_orientation", "bytes", "source_root"]
 DROP_COLUMNS = ["path", "label", "stage", "reason"]
 
 
@@ -71,7 +72,8 @@ def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.Dat
             if reason is None:
                 good.append({"path": rec.path, "label": rec.label, "split_hint": rec.split_hint, "sha256": info.sha256,
                              "width": info.width, "height": info.height, "mode": info.mode, "format": info.format,
-                             "exif_orientation": info.exif_orientation, "bytes": info.bytes})
+                             "exif_orientation": info.exif_orientation, "bytes": info.bytes,
+                             "source_root": raw_images.given})
                 continue
         bad.append({"path": path, "label": label, "stage": "quarantine", "reason": reason})
     manifest = pd.DataFrame(good, columns=MANIFEST_COLUMNS).astype({"exif_orientation": "Int64"})

@@ -43,7 +43,7 @@ def _read_verified(raw_images: ImageSource, path: str, expected_sha: str) -> tup
     try:
         data = raw_images.read_bytes(path)
     except (KeyError, OSError) as exc:
-        return None, f"missing from raw_source {raw_images.root} ({type(exc).__name__})"
+        return None, f"missing from raw_source {raw_images.given} ({type(exc).__name__})"
     digest = sha256(data)
     if digest != expected_sha:
         return None, f"bytes changed since ingestion (sha256 {digest[:12]}... != manifest's {str(expected_sha)[:12]}...)"
@@ -86,10 +86,10 @@ def preprocess_images(raw_images: ImageSource, clean_manifest: pd.DataFrame,
         made_from = _manifest_source(clean_manifest)
         raise PreprocessingError(
             f"clean_manifest was made from {made_from or 'another source (its root is not recorded)'}, but "
-            f"raw_source is now {raw_images.root}: more than {MAX_CHANGED_FRACTION:.0%} of its "
+            f"raw_source is now {raw_images.given}: more than {MAX_CHANGED_FRACTION:.0%} of its "
             f"{len(clean_manifest)} files are missing or have other bytes than ingestion hashed (e.g. "
             f"{changed[0][0]}: {changed[0][1]}). Re-run ingestion on this source (kedro run --pipeline ingestion "
-            f"--params=raw_source={raw_images.root}) or pass --params=raw_source={made_from or '<the source ingestion used>'}.")
+            f"--params=raw_source={raw_images.given}) or pass --params=raw_source={made_from or '<the source ingestion used>'}.")
     for path, reason in changed:
         logger.warning("preprocessing skipped %s: %s; re-run ingestion if the source changed", path, reason)
     for path, reason in failures:
@@ -99,7 +99,7 @@ def preprocess_images(raw_images: ImageSource, clean_manifest: pd.DataFrame,
                        len(changed) + len(failures), len(clean_manifest), len(changed), len(failures))
     if not keep:
         raise PreprocessingError(
-            f"0 of {len(clean_manifest)} images could be preprocessed from raw_source {raw_images.root}; "
+            f"0 of {len(clean_manifest)} images could be preprocessed from raw_source {raw_images.given}; "
             f"first failure: {failures[0][0]}: {failures[0][1]}. Re-run ingestion on this source.")
     index = pd.DataFrame(keep, columns=clean_manifest.columns)[["path", "label", "sha256", "split_hint"]]
     index["pixel_hash"] = pixel_hashes
