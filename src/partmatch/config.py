@@ -7,7 +7,10 @@ the key's dotted name, the value given and the file to fix.
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -17,8 +20,35 @@ class ParameterError(ValueError):
     """Raised when a parameter has a wrong type or an impossible value."""
 
 
+def _field_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (``int | None`` -> {int, NoneType}; Literal/others as given)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return {t for arg in typing.get_args(annotation) for t in _field_types(arg)}
+    return {annotation}
+
+
 class _Params(BaseModel):
+    """Unknown keys are refused; numbers and flags are not interchangeable.
+
+    pydantic's lax mode takes ``true`` as 1 for an int (``min_images_per_class=true`` would mean 1) and ``1``
+    as True for a bool; here a bool never passes as a number and a number never passes as a bool. Numbers
+    from YAML or ``--params`` (already ints/floats) and numeric strings are unaffected.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixups(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed = _field_types(cls.model_fields[info.field_name].annotation)
+        numeric = allowed & {int, float}
+        if isinstance(value, bool) and numeric and bool not in allowed:
+            kind = "an integer" if int in numeric else "a number"
+            raise ValueError(f"must be {kind}, not a boolean")
+        if bool in allowed and not isinstance(value, bool) and value is not None and not numeric \
+                and isinstance(value, (int, float)):
+            raise ValueError("must be true or false, not a number")
+        return value
 
 
 class IngestionParams(_Params):
@@ -266,16 +296,61 @@ def parse(section: str, raw: Any, model: type[_Params] | None = None) -> Any:
         for err in exc.errors():
             key = ".".join([section, *(str(p) for p in err["loc"])]) if err["loc"] else section
             given = f" (got {err['input']!r})" if err["loc"] and "input" in err and err["type"] != "missing" else ""
-            lines.append(f"  - '{key}': {err['msg']}{given}")
+            hint = _did_you_mean(err["loc"][-1], _fields_at(model, err["loc"][:-1])) \
+                if err["type"] == "extra_forbidden" else ""
+            lines.append(f"  - '{key}': {err['msg'].removeprefix('Value error, ')}{given}{hint}")
         raise ParameterError(
             "Invalid parameters:\n" + "\n".join(lines) + "\nFix them in "
             f"conf/base/{PARAMETER_FILES.get(section, 'parameters.yml')} or with --params={section}.KEY=VALUE."
         ) from None
 
 
+#: Top-level parameters that are not sections: runtime parameters read by the catalog (``${runtime_params:...}``).
+SHARED_KEYS: dict[str, str] = {
+    "raw_source": "the photos to train on (a folder of category sub-folders or a Kaggle-style CSV)",
+}
+
+
+def _did_you_mean(name: Any, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    return f": did you mean '{close[0]}'?" if close else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (nested) parameter model at ``loc`` inside ``model``."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        nested = [t for t in _field_types(field.annotation) if isinstance(t, type) and issubclass(t, BaseModel)] \
+            if field else []
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def unknown_keys(params: dict[str, Any]) -> list[str]:
+    """One line per top-level parameter that is neither a section nor a shared key, with the closest valid name."""
+    known = [*SECTIONS, *SHARED_KEYS]
+    lines = []
+    for key in params:
+        if key in SECTIONS or key in SHARED_KEYS:
+            continue
+        hint = _did_you_mean(key, known) or f"; known: {', '.join(sorted(known))}"
+        lines.append(f"  - '{key}': unknown parameter section{hint}")
+    return lines
+
+
 def validate_all(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate every registered section present in ``params``; collect all problems into one error."""
+    """Validate every registered section present in ``params``; collect all problems into one error.
+
+    A top-level key that is no section nor shared key (``--params=spilt.seed=7``) is an error too: it would
+    otherwise be ignored silently.
+    """
     problems, parsed = [], {}
+    unknown = unknown_keys(params)
+    if unknown:
+        problems.append("Unknown parameters:\n" + "\n".join(unknown) + "\nFix them in conf/base/parameters*.yml, "
+                        "conf/local/ or --params.")
     for section in SECTIONS:
         if section not in params:
             continue

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +19,108 @@ logger = logging.getLogger(__name__)
 
 
 class ParameterValidationHook:
-    """Validate every parameter section as soon as the context exists, before any run or node starts."""
+    """Validate every parameter section as soon as the context exists, before any run or node starts.
 
-    @hook_impl
+    ``tryfirst``: ahead of kedro-mlflow's ``after_context_created`` (which contacts the tracking store), so a
+    typo fails at once even when the tracking server is slow or down.
+    """
+
+    @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
         """Fail fast with the key's dotted name when a parameter has a wrong type or an impossible value."""
         config.validate_all(context.params)
         logger.debug("Parameters validated: %s", sorted(config.SECTIONS))
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow tracking store cannot be used (unreachable server)."""
+
+
+#: Seconds to wait for the tracking server to answer before the run is refused.
+TRACKING_PROBE_TIMEOUT_S = 5.0
+
+
+def tracking_uri(context) -> str | None:
+    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of mlflow.yml (conf/local over
+    ``MLFLOW_TRACKING_URI`` over ``sqlite:///mlflow.db``, see conf/base/mlflow.yml), made absolute like
+    kedro-mlflow does."""
+    from kedro.config import MissingConfigException
+    from kedro_mlflow.config.kedro_mlflow_config import _validate_uri
+
+    patterns = context.config_loader.config_patterns
+    patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
+    try:
+        conf = context.config_loader["mlflow"] or {}
+    except MissingConfigException:
+        conf = {}
+    uri = (conf.get("server") or {}).get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    return _validate_uri(project_path=context.project_path, uri=uri) if uri else None
+
+
+def check_tracking_server(uri: str, timeout: float = TRACKING_PROBE_TIMEOUT_S) -> None:
+    """Raise TrackingStoreError naming ``uri`` when an http(s) tracking server does not answer in ``timeout`` s.
+
+    Any HTTP answer (even 401/404) counts as reachable; only a refused connection, an unknown host or silence
+    fails. Without this, MLflow retries for ~250 s before the first call fails.
+    """
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with contextlib.closing(urllib.request.urlopen(url, timeout=timeout)):  # noqa: S310 - http(s) only
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingStoreError(
+            f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. `mlflow server --host "
+            f"127.0.0.1 --port PORT`) or point server.mlflow_tracking_uri in conf/local/mlflow.yml or the "
+            f"MLFLOW_TRACKING_URI environment variable at a reachable one."
+        ) from None
+
+
+class TrackingStoreHook:
+    """Before kedro-mlflow touches the tracking store (``tryfirst``, after the parameter check):
+
+    - an http(s) tracking server that does not answer within seconds stops the run at once, naming the URI;
+    - a SQLite store is created under a file lock, so two first runs at once on a fresh project do not race
+      in MLflow's table set-up (``duplicate column name``, alembic ``Online migration expected to match one
+      row``).
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        import mlflow
+
+        if mlflow.active_run() is not None:  # kedro-mlflow then keeps the active run's store
+            return
+        uri = tracking_uri(context)
+        if uri is None:
+            return
+        check_tracking_server(uri)
+        if uri.startswith("sqlite:///"):
+            initialise_sqlite_store(uri)
+
+
+def initialise_sqlite_store(uri: str) -> None:
+    """Create MLflow's tables of the SQLite store at ``uri`` while holding an exclusive lock beside the file."""
+    path = Path(uri[len("sqlite:///"):])
+    if str(path) in ("", ":memory:"):
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; MLflow's own set-up as before
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _get_store(uri)  # creates and migrates the tables when missing (and caches the store per URI)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _model_of(node) -> str | None:
