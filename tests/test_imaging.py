@@ -122,7 +122,7 @@ def test_32bit_int_and_float_tiffs_are_scaled_by_their_range(values, dtype, expe
 def test_elongated_image_is_quarantined_not_blanked():
     strip = png_bytes(Image.new("L", (1600, 8), 0))                   # 200:1; 0.5 px high at 100 px
     assert inspect_image(strip, **LIMITS).error == (
-        "image too elongated: 1600x8 is 200:1 > 100:1 (max_aspect_ratio); it would shrink to a line once "
+        "image too elongated: 1600x8 is 200:1 > 100:1 (ingestion.max_aspect_ratio); it would shrink to a line once "
         "padded to a square")
     assert inspect_image(png_bytes(Image.new("L", (8, 1600), 0)), **LIMITS).error.startswith(
         "image too elongated: 8x1600 is 200:1 > 100:1")

@@ -62,6 +62,7 @@ class IngestionParams(_Params):
     max_file_mb: float = Field(50.0, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
     min_side: int = Field(8, ge=1)
+    max_aspect_ratio: float = Field(100.0, ge=1)
     allow_outside_root: bool = False
 
 

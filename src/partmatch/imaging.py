@@ -103,7 +103,7 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int
                 ratio = max(width, height) / min(width, height)
                 return ImageInfo(digest, size, width, height, mode, fmt,
                                  error=f"image too elongated: {width}x{height} is {ratio:.0f}:1 > {max_aspect_ratio:g}:1 "
-                                       "(max_aspect_ratio); it would shrink to a line once padded to a square")
+                                       "(ingestion.max_aspect_ratio); it would shrink to a line once padded to a square")
             orientation = img.getexif().get(0x0112)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

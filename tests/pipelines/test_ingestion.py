@@ -353,3 +353,17 @@ def test_manifest_records_the_source_it_was_made_from(tmp_path):
     for given in (str(tmp_path / "photos"), str(csv)):
         manifest, _ = scan_source(ImageSourceDataset(path=given).load(), {})
         assert list(manifest["source_root"]) == [given, given]
+
+
+def test_max_aspect_ratio_is_an_ingestion_parameter(tmp_path):
+    from PIL import Image
+
+    for i in range(2):
+        save_jpeg(make_photo(0, seed=i), tmp_path / "photos" / "Disc" / f"{i}.jpg")
+    Image.new("L", (400, 10), 0).save(tmp_path / "photos" / "Disc" / "strip.png")   # 40:1
+    source = ImageSourceDataset(path=str(tmp_path / "photos")).load()
+    manifest, quarantine = scan_source(source, {"max_aspect_ratio": 20})
+    assert list(quarantine["path"]) == ["Disc/strip.png"]
+    assert quarantine["reason"].iloc[0].startswith("image too elongated: 400x10 is 40:1 > 20:1")
+    manifest, quarantine = scan_source(source, {})                                   # default 100:1 keeps it
+    assert "Disc/strip.png" in set(manifest["path"]) and quarantine.empty

@@ -50,7 +50,8 @@ def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.Dat
             except OSError as exc:
                 inspected[key] = (None, printable(f"cannot read file: {type(exc).__name__}: {exc}"))
             else:
-                info = inspect_image(data, max_bytes=max_bytes, max_pixels=p.max_pixels, min_side=p.min_side)
+                info = inspect_image(data, max_bytes=max_bytes, max_pixels=p.max_pixels, min_side=p.min_side,
+                                     max_aspect_ratio=p.max_aspect_ratio)
                 inspected[key] = (info, info.error)
         return inspected[key]
 
