@@ -2,8 +2,8 @@
 
 Kedro loads ``<package>.cli`` and its ``cli`` group's commands override the built-in ones (``kedro run`` and
 ``python -m partmatch`` both use this ``run``). A ParameterError (a wrong parameter, an unknown section) or a
-TrackingStoreError (an unreachable tracking server) ends the command with ``Error: <message>`` on stderr and
-exit status 2, before any work; every other error keeps Kedro's traceback.
+TrackingStoreError (an unreachable tracking server) or a LineageError (a node's inputs come from different runs) ends the command with ``Error: <message>`` on stderr and
+exit status 2, before the work it refuses; every other error keeps Kedro's traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from kedro.framework.cli.project import run as _kedro_run
 
 from partmatch.config import ParameterError
 from partmatch.hooks import TrackingStoreError
+from partmatch.lineage import LineageError
 
 #: Exit status of a run refused before any work (click's usage-error status).
 REFUSED_EXIT_CODE = 2
@@ -32,7 +33,7 @@ def _refusing(callback):
     def wrapper(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
-        except (ParameterError, TrackingStoreError) as exc:
+        except (ParameterError, TrackingStoreError, LineageError) as exc:
             raise RunRefused(str(exc)) from None
 
     return wrapper

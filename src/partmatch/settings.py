@@ -3,13 +3,15 @@
 from omegaconf.resolvers import oc
 
 from partmatch.hooks import ModelRunsHook, ParameterValidationHook, ServedModelHook, TrackingStoreHook
+from partmatch.lineage import LineageHook
 
 # Parameters are validated when the context is created: before kedro-mlflow opens a run, before any node.
 # TrackingStoreHook then (both `tryfirst`; pluggy calls the later-registered first, hence this order) refuses an
 # unreachable tracking server within seconds and creates a fresh SQLite store under a file lock.
 # ModelRunsHook: one MLflow child run per model pipeline (unprefixed metrics/params, figures, logged model).
 # ServedModelHook: pins the served model's files to this run's versions before kedro-mlflow logs it.
-HOOKS = (TrackingStoreHook(), ParameterValidationHook(), ModelRunsHook(), ServedModelHook())
+# LineageHook: a node whose versioned inputs were derived from different versions of a dataset does not run.
+HOOKS = (TrackingStoreHook(), ParameterValidationHook(), ModelRunsHook(), ServedModelHook(), LineageHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
