@@ -78,7 +78,7 @@ def test_training_refuses_an_image_array_from_another_run_than_its_split_index(k
     # preprocessing alone again, at another size: a new image_array / image_index, but split_index is still the
     # first run's
     _preprocess_only(project, source, 24)
-    second = [v for v in _versions(project, "04_feature/image_array.npy") if v != first][0]
+    second = next(v for v in _versions(project, "04_feature/image_array.npy") if v != first)
     (split_version,) = _versions(project, "05_model_input/split_index.parquet")
     assert json.loads((project / "data/lineage/split_index" / f"{split_version}.json").read_text())[
         "lineage"]["image_array"]["version"] == first
@@ -94,7 +94,7 @@ def test_training_refuses_an_image_array_from_another_run_than_its_split_index(k
 
     # the same pixels saved again under a new version are the same content: no conflict
     _preprocess_only(project, source, 32)
-    third = [v for v in _versions(project, "04_feature/image_array.npy") if v not in (first, second)][0]
+    third = next(v for v in _versions(project, "04_feature/image_array.npy") if v not in (first, second))
     records = {name: json.loads((project / "data/lineage" / name / f"{v}.json").read_text())
                for name, v in (("image_array", third), ("split_index", split_version))}
     assert records["image_array"]["digest"] == records["split_index"]["lineage"]["image_array"]["digest"]

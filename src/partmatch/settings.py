@@ -2,7 +2,12 @@
 
 from omegaconf.resolvers import oc
 
-from partmatch.hooks import ModelRunsHook, ParameterValidationHook, ServedModelHook, TrackingStoreHook
+from partmatch.hooks import (
+    ModelRunsHook,
+    ParameterValidationHook,
+    ServedModelHook,
+    TrackingStoreHook,
+)
 from partmatch.lineage import LineageHook
 
 # Parameters are validated when the context is created: before kedro-mlflow opens a run, before any node.
