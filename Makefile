@@ -9,7 +9,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: install run test viz mlflow-ui serve bench clean-data
+.PHONY: install run test test-slow test-all viz mlflow-ui serve bench clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ install: $(STAMP)
 run: install
 	$(BIN)/kedro run $(ARGS)
 
+# make test: the quick suite (< 3 min on 2 cores); make test-slow: the tests marked slow (real kedro runs,
+# subprocesses, servers); make test-all: every test, as CI's .ci/run runs it.
 test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 viz: install

@@ -116,6 +116,7 @@ def kedro_cli(project: Path, *args: str, env: dict[str, str] | None = None, time
                           capture_output=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_kedro_run_prints_the_validation_message_alone(tmp_path, photo_folder, monkeypatch):
     monkeypatch.chdir(tmp_path)
     project = new_kedro_project(tmp_path / "project").path

@@ -80,6 +80,7 @@ def test_scale_shrinks_counts_but_keeps_every_category():
 
 
 # ---------------------------------------------------------------------------------------------------------- full
+@pytest.mark.slow
 def test_full_catalogue_on_disk_matches_the_spec(full):
     root, summary = full
     folders = sorted(p.name for p in root.iterdir())

@@ -42,6 +42,7 @@ def tiny_catalogue(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_data_pipelines_end_to_end(kedro_project, tiny_catalogue):
     kedro_project(["ingestion", "preprocessing", "eda"], raw_source=str(tiny_catalogue),
                   preprocessing={"image_size": 48})
@@ -69,6 +70,8 @@ def test_data_pipelines_end_to_end(kedro_project, tiny_catalogue):
     assert "eda.pca_components_for_target" in metrics
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)   # four models, compare, evaluate and a resumed run: ~40 s on a quiet machine
 def test_model_pipelines_compare_evaluate_and_resume(kedro_project, tiny_catalogue, tmp_path):
     params = {m: dict(TINY) for m in MODELS}
     kedro_project(["ingestion", "preprocessing"], raw_source=str(tiny_catalogue), preprocessing={"image_size": 32})

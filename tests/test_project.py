@@ -26,7 +26,25 @@ def test_top_level_layout_and_telemetry_off():
     assert yaml.safe_load((PROJECT_ROOT / ".telemetry").read_text()) == {"consent": False}
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert "make run" in readme[:1500] and "make test" in readme[:1500]
-    assert "make test" in (PROJECT_ROOT / ".ci" / "run").read_text()
+
+
+
+def test_ci_runs_every_test_and_make_test_only_the_quick_ones():
+    """CI (.ci/run) runs the whole suite, slow tests included; `make test` leaves out only the slow mark."""
+    ci = [line for line in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines() if line and line[0] != "#"]
+    assert ci[-1] == "make test-all"
+    recipes = {}
+    target = None
+    for line in (PROJECT_ROOT / "Makefile").read_text().splitlines():
+        if line and not line[0].isspace() and ":" in line and not line.startswith((".", "#")) and "=" not in line:
+            target = line.split(":", 1)[0]
+        elif line.startswith("\t") and target:
+            recipes.setdefault(target, []).append(line.strip())
+    assert recipes["test"] == ['$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)']
+    assert recipes["test-slow"] == ["$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)"]
+    assert recipes["test-all"] == ["$(BIN)/python -m pytest $(PYTEST_ARGS)"]
+    opts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert opts["timeout"] == 120 and "--strict-markers" in opts["addopts"]
 
 
 def test_mlflow_config_uses_sqlite_and_experiment():

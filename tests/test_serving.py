@@ -252,6 +252,7 @@ def test_run_logs_one_version_of_each_file(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)   # the server may take up to 240 s to answer /ping on a loaded machine
 def test_served_model_answers_photos_and_rejects_malformed_requests(trained, tmp_path):
     project = trained["project"]
     (model,) = _logged_models(project, trained["parent"].info.run_id)

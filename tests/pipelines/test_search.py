@@ -415,6 +415,7 @@ def test_query_dataset_renders_the_demo_queries_when_missing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- Kedro
+@pytest.mark.slow
 def test_search_index_then_search_through_a_kedro_session(kedro_project, catalogue, bundle, tmp_path):
     project = kedro_project.path
     model_dir = project / "data/06_models/siamese_pretrained/model.pt/2026-01-01T00.00.00.000Z/model.pt"
