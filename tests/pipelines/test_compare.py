@@ -4,7 +4,6 @@ import logging
 
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
 
 from partmatch.config import ParameterError
 from partmatch.pipelines.compare.nodes import compare_models
@@ -31,7 +30,11 @@ def test_table_has_every_trained_model_and_the_study_numbers(caplog):
     assert "0.5100" in rows["cnn"]
     assert mlflow["siamese_triplet.precision_at_1"] == {"value": 0.6, "step": 0}
     assert "siamese_triplet.test_accuracy" not in mlflow  # NaN is not a metric
-    assert isinstance(figure, Figure)
+    # one bar per model and charted metric (NaN drawn empty and marked n/a), one legend entry per model
+    ax = figure.axes[0]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.5, 0.4, 0.51, 0.6, 0.5, 0.0])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cnn", "siamese_triplet"]
+    assert [t.get_text() for t in ax.texts][-3:] == ["0.600", "0.500", "n/a"]
 
 
 def test_no_trained_model_is_a_clear_error():

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from partmatch.pipelines.eda.nodes import category_counts, pca_top_categories, sample_grid, top_categories_chart
 
@@ -31,13 +30,22 @@ def test_figures_and_pca():
     images, index = fake_data()
     table, _ = category_counts(index, {})
     chart = top_categories_chart(table, {"top_n": 5})
-    assert isinstance(chart, Figure) and len(chart.axes[0].patches) == 5
+    bars = chart.axes[0].patches
+    # the five biggest categories, biggest at the top (barh draws bottom-up), each bar as long as its count
+    assert [b.get_width() for b in bars] == [5, 6, 10, 15, 20]
+    assert [t.get_text() for t in chart.axes[0].get_yticklabels()] == ["cat4", "cat3", "cat2", "cat1", "cat0"]
     summary, scree, cum, eig, metrics = pca_top_categories(images, index, {"top_n": 30, "pca_variance_target": 0.9,
                                                                           "n_eigen_images": 3})
     assert summary["images"] == len(index) - 1
     ratios = summary["explained_variance_ratio_first_30"]
     assert all(a >= b - 1e-12 for a, b in zip(ratios, ratios[1:]))   # descending spectrum
-    assert 1 <= summary["components_for_target"] <= summary["components"]
+    # reference: sklearn's full PCA of the same pixels (the excluded photo left out), first cumulative >= 90 %
+    from sklearn.decomposition import PCA
+
+    used = images[(index["split"] != "excluded").to_numpy()].reshape(len(index) - 1, -1) / 255.0
+    ref_cum = np.cumsum(PCA().fit(used).explained_variance_ratio_)
+    assert summary["components"] == len(index) - 2                  # n - 1 components for n < pixels
+    assert summary["components_for_target"] == int(np.argmax(ref_cum >= 0.9)) + 1
     assert len(eig.axes) == 4 and "PC1" in eig.axes[1].get_title()
     assert "reach 90%" in cum.axes[0].get_title()
     assert metrics["pca_components_for_target"]["value"] == summary["components_for_target"]
