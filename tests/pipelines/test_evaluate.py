@@ -30,7 +30,20 @@ def test_evaluate_source_scores_every_category_as_unseen(model):
     imgs = np.concatenate([images, images[:1]])
     metrics, mlflow = evaluate_source(model, imgs, idx, {"model": "siamese_triplet", "seed": 0})
     assert metrics["open_set_categories"] == 8 and metrics["open_set_images"] == len(index)  # 1-photo category out
-    assert 0.0 <= metrics["open_set_precision_at_1"] <= 1.0 and "open_set_pair_accuracy" in metrics
+    # reference, in plain numpy on the model's own embeddings (the 1-photo category left out): each photo's
+    # nearest other photo, and the seeded pairs judged "same part" at the model's threshold
+    from partmatch.ml.evaluation import sample_pairs
+    from partmatch.ml.inference import Embedder
+
+    assert model.get("distance", "euclidean") == "euclidean"
+    emb = Embedder(model).embed(images).astype(np.float64)
+    d = np.sqrt(((emb[:, None] - emb[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    labels = index["label"].to_numpy()
+    assert metrics["open_set_precision_at_1"] == pytest.approx(float((labels[d.argmin(1)] == labels).mean()))
+    a, b, same = sample_pairs(pd.factorize(labels)[0], 2000, seed=0)
+    expected_acc = float(((d[a, b] <= model["threshold"]) == same).mean())
+    assert metrics["open_set_pair_accuracy"] == pytest.approx(expected_acc)
     assert metrics["model"] == "siamese_triplet" and "model" not in mlflow
     assert mlflow["open_set_map_at_r"]["value"] == pytest.approx(metrics["open_set_map_at_r"])
 
