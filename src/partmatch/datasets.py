@@ -7,12 +7,16 @@ every node receives an :class:`ImageSource` and reads bytes only through its loa
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import functools
 import io
 import logging
 import os
 import posixpath
+import socket
+import uuid
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -319,6 +323,190 @@ def _same_path(a: Path, b: Path) -> bool:
     return os.path.normpath(a.absolute()) == os.path.normpath(b.absolute())
 
 
+# ------------------------------------------------------------------------------------ atomic saves
+
+#: A file being written is named ``.<name>.tmp-<host>-<pid>-<random>`` beside its target until it is complete.
+TEMP_MARK = ".tmp-"
+
+
+class SaveError(DatasetError):
+    """A dataset could not be written (full disk, read-only folder...): the message names the dataset and the
+    path; nothing half-written was left behind."""
+
+
+def temp_name(name: str) -> str:
+    """The hidden temporary name a file is written under before it is renamed to ``name``."""
+    host = socket.gethostname().replace("-", "_") or "localhost"
+    return f".{name}{TEMP_MARK}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def parse_temp_name(name: str) -> tuple[str, str, int] | None:
+    """``(target name, host, pid)`` of a file named by :func:`temp_name`, else None."""
+    if not name.startswith(".") or TEMP_MARK not in name:
+        return None
+    target, _, rest = name[1:].rpartition(TEMP_MARK)
+    parts = rest.split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return target, parts[0], int(parts[1])
+
+
+class _AtomicFile:
+    """A file open for writing under a temporary name: closed without an error it replaces its target in one
+    ``os.replace``; an error inside ``with`` (or while closing) deletes it, so no half-written target exists."""
+
+    def __init__(self, inner: Any, temp: str, target: str, dataset: str, created: str | None) -> None:
+        self._inner, self._temp, self._target = inner, temp, target
+        self._dataset, self._created, self._done = dataset, created, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+            return False
+        self.abort()
+        if isinstance(exc, OSError):
+            raise save_error(self._dataset, self._target, exc) from exc
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._done or self._inner.closed
+
+    def close(self) -> None:
+        if self._done:
+            return
+        try:
+            self._inner.flush()
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                os.fsync(self._inner.fileno())  # the bytes are on disk before the name says they are complete
+            self._inner.close()
+            os.replace(self._temp, self._target)
+        except OSError as exc:
+            self.abort()
+            raise save_error(self._dataset, self._target, exc) from exc
+        self._done = True
+
+    def abort(self) -> None:
+        """Delete the temporary file (and the version folder this save created, when left empty)."""
+        self._done = True
+        with contextlib.suppress(Exception):
+            self._inner.close()
+        with contextlib.suppress(OSError):
+            os.remove(self._temp)
+        remove_empty_folders(self._created, os.path.dirname(self._target))
+
+
+def remove_empty_folders(top: str | None, folder: str) -> None:
+    """Remove ``folder`` and its parents up to ``top`` (included) while they are empty."""
+    if top is None:
+        return
+    top, folder = os.path.normpath(top), os.path.normpath(folder)
+    while True:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        if folder == top or len(folder) <= len(top):
+            return
+        folder = os.path.dirname(folder)
+
+
+def save_error(dataset: str, target: str, exc: OSError) -> SaveError:
+    """The error of a failed write, naming the dataset, the path and what to do."""
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0, "")
+    if exc.errno == errno.ENOSPC:
+        fix = "Free disk space on that file system (or point the catalog's data/ elsewhere), then re-run."
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "Make that folder writable (or point the catalog's data/ elsewhere), then re-run."
+    else:
+        fix = "Fix the cause, then re-run."
+    return SaveError(
+        f"Cannot save dataset '{dataset}' to {target}: {reason}{f' ({code})' if code else ''}. Nothing of this "
+        f"version was kept (the partly written file was removed), so the latest complete version is unchanged. "
+        f"{fix}"
+    )
+
+
+class AtomicSavesFileSystem:
+    """An fsspec file system whose ``open(path, "w"/"wb"...)`` on the local disk writes ``path`` atomically (see
+    :class:`_AtomicFile`); reads and every other call go to the wrapped file system unchanged. Other protocols
+    are passed through: object stores publish an object only when its upload completes."""
+
+    def __init__(self, fs: Any, dataset: str) -> None:
+        self._fs, self._dataset = fs, dataset
+
+    @classmethod
+    def wrap(cls, fs: Any, dataset: str) -> Any:
+        if isinstance(fs, cls):
+            return fs
+        return cls(fs, dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+    def __getstate__(self) -> dict:
+        return {"fs": self._fs, "dataset": self._dataset}
+
+    def __setstate__(self, state: dict) -> None:
+        self._fs, self._dataset = state["fs"], state["dataset"]
+
+    def _is_local(self) -> bool:
+        protocol = getattr(self._fs, "protocol", "")
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "file" in protocols or "local" in protocols
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if not any(c in mode for c in "wx") or "+" in mode or not self._is_local():  # reads, appends: unchanged
+            return self._fs.open(path, mode, **kwargs)
+        target = os.path.abspath(self._fs._strip_protocol(path) if hasattr(self._fs, "_strip_protocol") else path)
+        folder = os.path.dirname(target)
+        created = _first_missing(folder)
+        temp = os.path.join(folder, temp_name(os.path.basename(target)))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            inner = self._fs.open(temp, mode.replace("x", "w"), **kwargs)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+            remove_empty_folders(created, folder)
+            raise save_error(self._dataset, target, exc) from exc
+        return _AtomicFile(inner, temp, target, self._dataset, created)
+
+
+def _first_missing(folder: str) -> str | None:
+    """The top-most missing folder on the way to ``folder`` (what ``makedirs`` would create), else None."""
+    missing = None
+    current = os.path.normpath(folder)
+    while not os.path.exists(current):
+        missing = current
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing
+
+
+def make_saves_atomic(dataset: Any, name: str) -> bool:
+    """Make every local file ``dataset`` saves appear complete or not at all (kedro-datasets' CSV, Parquet, JSON,
+    text and matplotlib datasets write in place through ``self._fs.open``; they get :class:`AtomicSavesFileSystem`
+    instead). Returns whether the dataset was changed."""
+    fs = getattr(dataset, "_fs", None)
+    if fs is None or isinstance(fs, AtomicSavesFileSystem) or not hasattr(fs, "open"):
+        return False
+    dataset._fs = AtomicSavesFileSystem(fs, name)
+    return True
+
+
 class _VersionedBinaryDataset(AbstractVersionedDataset[Any, Any]):
     """Shared plumbing for versioned single-file binary datasets (fsspec, versioning, exists)."""
 
@@ -360,7 +548,8 @@ class _VersionedBinaryDataset(AbstractVersionedDataset[Any, Any]):
     def save(self, data: Any) -> None:
         payload = self._encode(data)  # encode first: a failing encode never leaves a half-written file
         save_path = get_filepath_str(self._get_save_path(), self._protocol)
-        with self._fs.open(save_path, "wb") as f:
+        # a temporary name beside the version, renamed when complete: a save cut short is never the latest
+        with AtomicSavesFileSystem.wrap(self._fs, self._filepath.name).open(save_path, "wb") as f:
             f.write(payload)
         self._fs.invalidate_cache(get_filepath_str(self._filepath, self._protocol))
 

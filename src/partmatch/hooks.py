@@ -160,7 +160,13 @@ class ModelRunsHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         import mlflow
 
-        from partmatch.tracking import ModelRuns, mark_model_training_experiment
+        from partmatch.tracking import (
+            SAVE_VERSION_TAG,
+            ModelRuns,
+            mark_dead_runs,
+            mark_model_training_experiment,
+            process_tags,
+        )
 
         self.runs = None
         active = mlflow.active_run()
@@ -168,7 +174,13 @@ class ModelRunsHook:
             return
         client = mlflow.MlflowClient()
         mark_model_training_experiment(client, active.info.experiment_id)
-        tags = {"raw_source": self._raw_source(run_params, catalog)}
+        # who runs it (pid, host, process start) and the folder name of its dataset versions: a later run can then
+        # end this one as KILLED if its process dies without closing it (SIGKILL, power loss)
+        process = process_tags()
+        client.set_tags(active.info.run_id, {**process, SAVE_VERSION_TAG: str(run_params.get("run_id") or "")})
+        project = Path(run_params.get("project_path") or Path.cwd())
+        mark_dead_runs(client, active.info.experiment_id, project / "data", active.info.run_id, logger)
+        tags = {"raw_source": self._raw_source(run_params, catalog), **process}
         if run_params.get("pipeline_names"):
             tags["kedro_pipelines"] = ",".join(run_params["pipeline_names"])
         self.runs = ModelRuns(client, active.info.run_id, active.info.experiment_id, tags)
@@ -233,6 +245,32 @@ class ModelRunsHook:
         if self.runs is not None:
             self.runs.finish("FAILED")
             self.runs = None
+
+
+class AtomicSavesHook:
+    """Every file dataset of the run writes each version under a temporary name and renames it when complete
+    (:func:`partmatch.datasets.make_saves_atomic`): a save cut short (killed process, full disk, read-only
+    folder) never becomes the latest version a later run loads, and a failed save names the dataset and path.
+
+    kedro-datasets' CSV, Parquet, JSON, text and matplotlib datasets write in place; the project's own binary
+    datasets (arrays, models, indexes) are atomic by themselves. The datasets are taken from the run's catalog
+    before the runner starts, so the runner saves through these same instances.
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from partmatch.datasets import make_saves_atomic
+
+        for name in sorted(pipeline.datasets()):
+            if name.startswith("params:") or name == "parameters":
+                continue
+            try:
+                dataset = catalog.get(name)
+            except Exception as exc:  # noqa: BLE001 - a name the catalog cannot build is the runner's to report
+                logger.debug("Dataset %s not materialised for atomic saves: %s", name, exc)
+                dataset = None
+            if dataset is not None:
+                make_saves_atomic(dataset, name)
 
 
 class ServedModelHook:

@@ -3,6 +3,7 @@
 from omegaconf.resolvers import oc
 
 from partmatch.hooks import (
+    AtomicSavesHook,
     ModelRunsHook,
     ParameterValidationHook,
     ServedModelHook,
@@ -15,8 +16,10 @@ from partmatch.lineage import LineageHook
 # unreachable tracking server within seconds and creates a fresh SQLite store under a file lock.
 # ModelRunsHook: one MLflow child run per model pipeline (unprefixed metrics/params, figures, logged model).
 # ServedModelHook: pins the served model's files to this run's versions before kedro-mlflow logs it.
+# AtomicSavesHook: every dataset version is written under a temporary name and renamed when complete.
 # LineageHook: a node whose versioned inputs were derived from different versions of a dataset does not run.
-HOOKS = (TrackingStoreHook(), ParameterValidationHook(), ModelRunsHook(), ServedModelHook(), LineageHook())
+HOOKS = (TrackingStoreHook(), ParameterValidationHook(), ModelRunsHook(), ServedModelHook(), LineageHook(),
+         AtomicSavesHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -140,3 +143,109 @@ class ModelRuns:
 
 def _no_default(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------ runs whose process is gone
+
+#: Tags every ``kedro run``'s MLflow run (and its child runs) carries, so a later run can tell a dead run from a
+#: live one: the process id, the host it runs on, the process's start time (tells a reused pid apart) and the
+#: Kedro save version (the folder name of every dataset version the run writes).
+PID_TAG = "partmatch.pid"
+HOST_TAG = "partmatch.host"
+PROCESS_START_TAG = "partmatch.process_start"
+SAVE_VERSION_TAG = "partmatch.save_version"
+LEFT_VERSIONS_TAG = "partmatch.left_versions"
+MAX_TAG_LENGTH = 5000
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks after boot (Linux ``/proc``), else "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """The tags naming this process: pid, host and start time."""
+    pid = os.getpid() if pid is None else pid
+    return {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), PROCESS_START_TAG: process_start(pid)}
+
+
+def process_alive(pid: int, started: str = "") -> bool:
+    """Whether process ``pid`` of this host still runs and is the one that started at ``started`` (when known).
+    A zombie (killed, not yet reaped by its parent) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by another user
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+        if stat[stat.rfind(")") + 2:].split()[0] in ("Z", "X"):
+            return False
+    except (OSError, IndexError):
+        pass
+    now = process_start(pid)
+    return not (started and now and now != started)
+
+
+def run_is_dead(tags: Mapping[str, str], host: str | None = None) -> bool:
+    """A run whose tags name a process of this host that is gone. Runs of another host, or without the tags
+    (older runs, other tools), are never called dead: nothing here can tell."""
+    pid = tags.get(PID_TAG, "")
+    if not pid.isdigit() or tags.get(HOST_TAG) != (host or socket.gethostname()):
+        return False
+    return not process_alive(int(pid), tags.get(PROCESS_START_TAG, ""))
+
+
+def versions_left(data_dir: str | os.PathLike, save_version: str) -> list[str]:
+    """Every dataset version folder named ``save_version`` below ``data_dir``, after deleting the temporary
+    files of saves the run did not finish (and the folders they leave empty): what the run really left."""
+    from partmatch.datasets import parse_temp_name, remove_empty_folders
+
+    root = Path(data_dir)
+    if not save_version or not root.is_dir():
+        return []
+    left = []
+    for folder in sorted(p for p in root.rglob(save_version) if p.is_dir()):
+        for file in list(folder.iterdir()):
+            if file.is_file() and parse_temp_name(file.name) is not None:
+                file.unlink(missing_ok=True)
+        remove_empty_folders(str(folder), str(folder))
+        if folder.exists():
+            left.append(str(folder.relative_to(root.parent)))
+    return left
+
+
+def mark_dead_runs(client, experiment_id: str, data_dir: str | os.PathLike, current_run_id: str | None = None,
+                   logger=None) -> dict[str, list[str]]:
+    """End as KILLED every RUNNING run of the experiment whose process (on this host) is gone, tagging it with
+    the dataset versions it left; return ``{run_id: versions}``. Live runs and other hosts' runs are untouched."""
+    import mlflow.entities
+
+    killed: dict[str, list[str]] = {}
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        if run.info.run_id == current_run_id or not run_is_dead(run.data.tags, host):
+            continue
+        left = versions_left(data_dir, run.data.tags.get(SAVE_VERSION_TAG, ""))
+        if left:
+            text = ", ".join(left)
+            client.set_tag(run.info.run_id, LEFT_VERSIONS_TAG,
+                           text if len(text) <= MAX_TAG_LENGTH else text[:MAX_TAG_LENGTH - 3] + "...")
+        client.set_terminated(run.info.run_id, mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.KILLED))
+        killed[run.info.run_id] = left
+        if logger is not None:
+            logger.warning(
+                "MLflow run %s ('%s', pid %s) was still RUNNING but its process is gone (killed): marked KILLED.%s",
+                run.info.run_id, run.info.run_name, run.data.tags.get(PID_TAG),
+                (" It left these dataset versions, complete but from a run that never finished (a later run loads "
+                 "them as the latest; resume=true continues from them): " + ", ".join(left)) if left else "")
+    return killed

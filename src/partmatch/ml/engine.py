@@ -149,9 +149,17 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` under a temporary name, then one rename: a save cut short (killed, full disk) leaves the
+    previous ``path`` intact and no partial file under its name."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"Cannot write checkpoint {path}: {exc.strerror or exc} (the previous checkpoint "
+                                 f"is unchanged; free disk space or make {path.parent} writable, or set "
+                                 f"checkpoint_dir to null)") from exc
 
 
 def _spec_or_none(model: nn.Module) -> dict | None:
@@ -253,6 +261,7 @@ def fit(
             raise ValueError(f"{ckpt_dir / 'last.pt'} has checkpoint version {ckpt.get('version')}, "
                              f"expected {CHECKPOINT_VERSION}")
         _warn_config_changes(ckpt.get("config", {}), config)
+        _check_resumable(ckpt_dir / "last.pt", ckpt, model, objective, optimizer)
         model.load_state_dict(ckpt["model"])
         if isinstance(objective, nn.Module) and ckpt.get("objective") is not None:
             objective.load_state_dict(ckpt["objective"])
@@ -362,6 +371,7 @@ def fit(
                 {
                     "version": CHECKPOINT_VERSION,
                     "epoch": epoch,
+                    "spec": _spec_or_none(model),  # the architecture, so a resume can name what changed
                     "model": _cpu_state(model),
                     "optimizer": optimizer.state_dict(),
                     "objective": _cpu_state(objective) if isinstance(objective, nn.Module) else None,
@@ -428,12 +438,53 @@ def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
                        "uninterrupted run", changed)
 
 
+class CheckpointMismatchError(ValueError):
+    """``resume`` found a checkpoint of another architecture (or objective) than the model being trained."""
+
+
+def _shape_changes(saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> list[str]:
+    changes = [f"{k} {list(saved[k].shape)} -> {list(now[k].shape)}" for k in saved
+               if k in now and tuple(saved[k].shape) != tuple(now[k].shape)]
+    changes += [f"{k} only in the checkpoint" for k in saved if k not in now]
+    changes += [f"{k} not in the checkpoint" for k in now if k not in saved]
+    return changes
+
+
+def _check_resumable(path: Path, ckpt: dict[str, Any], model: nn.Module, objective: Any,
+                     optimizer: torch.optim.Optimizer) -> None:
+    """Refuse (naming the file, what changed and the fix) a checkpoint whose weights cannot be those of
+    ``model`` / ``objective``: PyTorch would stop with a bare "size mismatch" in ``load_state_dict``."""
+    weights = _shape_changes(ckpt["model"], model.state_dict())
+    if isinstance(objective, nn.Module) and ckpt.get("objective") is not None:
+        weights += [f"objective {c}" for c in _shape_changes(ckpt["objective"], objective.state_dict())]
+    saved_groups = [len(g["params"]) for g in ckpt["optimizer"].get("param_groups", [])]
+    groups_now = [len(g["params"]) for g in optimizer.param_groups]
+    if not weights and saved_groups != groups_now:
+        weights.append(f"optimizer parameter groups {saved_groups} -> {groups_now} tensors")
+    if not weights:
+        return
+    settings = []
+    saved_spec, spec_now = ckpt.get("spec"), _spec_or_none(model)
+    if isinstance(saved_spec, dict) and isinstance(spec_now, dict):
+        settings = [f"{k}: {saved_spec.get(k)!r} -> {spec_now.get(k)!r}"
+                    for k in sorted(set(saved_spec) | set(spec_now)) if saved_spec.get(k) != spec_now.get(k)]
+    shown = weights[:6] + ([f"... {len(weights) - 6} more"] if len(weights) > 6 else [])
+    raise CheckpointMismatchError(
+        f"Cannot resume from {path}: it was written for another model than the one configured now"
+        + (f" (changed: {'; '.join(settings)})" if settings else "")
+        + f". Weights that differ: {'; '.join(shown)}. Either restore the settings it was trained with, or start "
+        f"afresh: set resume: false for this model (e.g. --params=<model>.resume=false; the checkpoint is then "
+        f"overwritten) or delete {path.parent}."
+    )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a ``last.pt`` / ``best.pt`` written by :func:`fit` (safe ``weights_only`` load)."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 __all__ = [
+    "CheckpointMismatchError",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
