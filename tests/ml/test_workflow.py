@@ -46,7 +46,13 @@ def test_study_trunk_end_to_end(overrides):
     emb = workflow.embed_all(bundle, images, device="cpu")
     assert emb.shape == (len(images), 16 if p.task == "embedding" else 64 * 8 * 8)
     calibrated, curve, dist, same = workflow.calibrate_threshold(bundle, emb, index, p)
-    assert calibrated["threshold"] is not None and len(dist) == len(same) == p.threshold_pairs
+    assert len(dist) == len(same) == p.threshold_pairs
+    # the pair threshold reaches the best accuracy any cut of the training pairs' distances reaches
+    def accuracy(t: float) -> float:
+        return float(((dist <= t) == same).mean())
+
+    best = max(accuracy(t) for t in [-1.0, *dist])
+    assert accuracy(calibrated["threshold"]) == best and curve["accuracy"].max() == pytest.approx(best)
     # the unknown-part threshold: leave-one-out on the training photos only, at the balanced-accuracy point
     rows = workflow.split_rows(index, "train")
     known, unknown = evaluation.leave_one_out_nearest(emb[rows], index["label"].to_numpy()[rows], "euclidean")
