@@ -30,14 +30,18 @@ def test_contrastive_loss_label_convention_is_not_swapped():
     near_a, near_b = torch.zeros(1, 3), torch.full((1, 3), 0.1)
     loss = StudyContrastiveLoss(margin=1.0)
     # a close pair is cheap when labelled similar (y=0) and expensive when labelled dissimilar (y=1)
-    assert loss(near_a, near_b, torch.tensor([0])) < loss(near_a, near_b, torch.tensor([1]))
+    d = 0.1 * 3 ** 0.5
+    assert loss(near_a, near_b, torch.tensor([0])).item() == pytest.approx(0.5 * d**2, rel=1e-5)        # 0.015
+    assert loss(near_a, near_b, torch.tensor([1])).item() == pytest.approx(0.5 * (1 - d) ** 2, rel=1e-5)  # 0.342
 
 
 def test_contrastive_gradient_finite_for_identical_embeddings():
     a = torch.ones(2, 4, requires_grad=True)
     b = torch.ones(2, 4)
     StudyContrastiveLoss(1.0)(a, b, torch.tensor([0, 1])).backward()
-    assert torch.isfinite(a.grad).all()
+    # d = 0: the similar pair's 0.5 d^2 has gradient a - b = 0, and the clamped distance gives the dissimilar
+    # pair's hinge a zero (not NaN) gradient too
+    torch.testing.assert_close(a.grad, torch.zeros(2, 4))
 
 
 def test_contrastive_rejects_bad_margin():
