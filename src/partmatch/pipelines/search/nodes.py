@@ -183,6 +183,56 @@ def build_catalogue_index(model: dict, catalogue: ImageSource, clean_manifest: p
     return index, info
 
 
+def known_embeddings(model: dict, model_embeddings: np.ndarray, split_index: pd.DataFrame) -> dict[str, int]:
+    """{photo sha256: row of the model's embeddings} for the photos the model's own run embedded (its training
+    source); empty when the embeddings are not the model's or do not align with ``split_index``."""
+    emb = np.asarray(model_embeddings)
+    if emb.ndim != 2 or len(emb) != len(split_index) or "sha256" not in split_index:
+        logger.info("search: the model's embeddings (%s rows) do not align with split_index (%d rows): every "
+                    "catalogue photo is embedded.", emb.shape[0] if emb.ndim else 0, len(split_index))
+        return {}
+    try:
+        workflow.check_embeddings_of(model, emb, "the model's embeddings", "the search model")
+    except ValueError as exc:
+        logger.warning("search: %s; every catalogue photo is embedded.", exc)
+        return {}
+    shas = split_index["sha256"].astype(str).to_numpy()
+    return {sha: i for i, sha in enumerate(shas)}
+
+
+def index_catalogue(model: dict, model_embeddings: np.ndarray, split_index: pd.DataFrame, catalogue: ImageSource,
+                    clean_manifest: pd.DataFrame, params: dict[str, Any]) -> tuple[GalleryIndex, dict[str, Any]]:
+    """:func:`build_catalogue_index`, reusing the model's own embeddings for catalogue photos its run already
+    embedded (same bytes, by SHA-256: same preprocessing, same vector); only the other photos are embedded.
+    Indexing the training source itself (the default) embeds nothing again."""
+    known = known_embeddings(model, model_embeddings, split_index)
+    reuse = clean_manifest["sha256"].astype(str).isin(known).to_numpy() if known else np.zeros(len(clean_manifest),
+                                                                                                   bool)
+    if not reuse.any():
+        return build_catalogue_index(model, catalogue, clean_manifest, params)
+    p = config.parse("search", params)
+    embedder = _embedder(model, p)
+    logger.info("search: %d of %d catalogue photos reuse the model's embeddings; embedding the other %d.",
+                int(reuse.sum()), len(reuse), int((~reuse).sum()))
+    new_emb, new_rows = _embed_source(embedder, catalogue, clean_manifest.loc[~reuse], p.batch_size)
+    old_rows = clean_manifest.loc[reuse].reset_index(drop=True)
+    old_emb = np.asarray(model_embeddings, dtype=np.float32)[old_rows["sha256"].astype(str).map(known).to_numpy()]
+    rows = pd.concat([old_rows, new_rows], ignore_index=True)
+    emb = np.concatenate([old_emb, new_emb]) if len(new_rows) else old_emb
+    position = {path: i for i, path in enumerate(clean_manifest["path"].astype(str))}
+    order = np.argsort(rows["path"].astype(str).map(position).to_numpy(), kind="stable")  # the manifest's order
+    rows, emb = rows.iloc[order].reset_index(drop=True), emb[order]
+    ids, meta = _vector_metadata(catalogue, rows)
+    index = GalleryIndex(emb, _labels(rows["label"]), ids=ids, distance=embedder.distance, config=_index_config(p),
+                         metadata=meta)
+    history = [{"action": "index", "source": str(Path(catalogue.root).absolute()), "vectors": int(len(index)),
+                "reused_model_embeddings": int(reuse.sum()), "at": _now()}]
+    info = _info(index, embedder, p, model_fingerprint(model), history)
+    logger.info("search: indexed %d photos of %d part names with %s (%s, %s index).", len(index), info["parts"],
+                p.model, embedder.distance, index.kind)
+    return index, info
+
+
 def add_to_catalogue_index(index: GalleryIndex, info: dict[str, Any], model: dict, new_parts: ImageSource,
                            clean_manifest: pd.DataFrame, params: dict[str, Any]) -> tuple[GalleryIndex, dict]:
     """Add new photos (e.g. a part line the model never saw) to the latest index: only they are embedded, the

@@ -20,6 +20,7 @@ from .nodes import (
     build_catalogue_index,
     catalogue_cleaning_rules,
     identify_query_photos,
+    index_catalogue,
     measure_open_set_rejection,
     remove_from_catalogue_index,
     render_search_report,
@@ -41,15 +42,24 @@ def _cleaning_rules() -> Node:
                 name="catalogue_cleaning_rules")
 
 
-def _index_nodes() -> list[Node]:
+def _index_nodes(reuse_model_embeddings: bool = False) -> list[Node]:
+    """Clean the catalogue like training data, then index it. With ``reuse_model_embeddings`` (the default run,
+    where the catalogue is the model's own training source) the photos the model's run embedded reuse those
+    vectors and only the others go through the network."""
+    if reuse_model_embeddings:
+        index = Node(index_catalogue, ["model", "model_embeddings", "split_index", "catalogue_photos",
+                                       "catalogue_clean_manifest", "params:search"], _INDEX_OUT,
+                     name="build_catalogue_index")
+    else:
+        index = Node(build_catalogue_index, ["model", "catalogue_photos", "catalogue_clean_manifest",
+                                             "params:search"], _INDEX_OUT, name="build_catalogue_index")
     return [
         _cleaning_rules(),
         Node(scan_source, ["catalogue_photos", "catalogue_cleaning_rules"],
              ["catalogue_raw_manifest", "catalogue_quarantine"], name="scan_catalogue"),
         Node(clean_manifest, ["catalogue_raw_manifest", "catalogue_quarantine", "catalogue_cleaning_rules"],
              ["catalogue_clean_manifest", "catalogue_dropped_files"], name="clean_catalogue"),
-        Node(build_catalogue_index, ["model", "catalogue_photos", "catalogue_clean_manifest", "params:search"],
-             _INDEX_OUT, name="build_catalogue_index"),
+        index,
     ]
 
 
@@ -110,7 +120,7 @@ def create_eval_pipeline(**kwargs) -> Pipeline:
 def create_demo_pipeline(model: str = RECOMMENDED_MODEL) -> Pipeline:
     """For ``__default__``: index + search + open-set numbers on the outputs of ``model``'s pipeline in the same
     run (``<model>.model``, ``<model>.embeddings``), so they run after it."""
-    return _namespaced(_index_nodes() + _search_nodes() + _eval_nodes(),
+    return _namespaced(_index_nodes(reuse_model_embeddings=True) + _search_nodes() + _eval_nodes(),
                        inputs={"model": f"{model}.model", "model_embeddings": f"{model}.embeddings",
                                "split_index": "split_index"})
 
