@@ -6,8 +6,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from partmatch.demo import generate_demo_catalogue
+from partmatch.cleaning import matched_family
+from partmatch.config import IngestionParams
+from partmatch.demo import DEMO_CATEGORIES, generate_demo_catalogue
+from partmatch.splits import closed_set_counts
+from tests.conftest import experiment_runs, latest
 
 MODELS = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained")
 TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
@@ -18,32 +23,33 @@ EXPECTED_KEYS = {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", 
                                                         "knn_accuracy", "pair_accuracy", "roc_auc")}
 
 
-def latest(project: Path, relpath: str) -> Path:
-    """The newest version of a versioned dataset file, asserting it exists."""
-    versions = sorted((project / "data" / relpath).glob("*/" + Path(relpath).name))
-    assert versions, f"no version of {relpath} was written"
-    return versions[-1]
-
-
 def mlflow_runs(project: Path) -> pd.DataFrame:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("partmatch")
-    assert exp is not None, "experiment 'partmatch' was not created"
     return pd.DataFrame([{"name": r.info.run_name, "metrics": r.data.metrics, "params": r.data.params,
-                          "tags": r.data.tags, "id": r.info.run_id} for r in client.search_runs([exp.experiment_id])])
+                          "tags": r.data.tags, "id": r.info.run_id} for r in experiment_runs(project)])
 
 
-@pytest.fixture(scope="module")
-def tiny_catalogue(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "tiny catalogue"   # a space in the path, as users have
-    generate_demo_catalogue(root, seed=3, size=64, scale=0.35)
-    return root
+def expected_kept(summary: dict) -> dict[str, int]:
+    """Photos per category that ingestion must keep of a generated demo catalogue, from its summary alone: the
+    truncated photo quarantined, both copies of the photo filed under two categories dropped, the excluded families
+    and the categories left with fewer than min_images_per_class (2) photos removed."""
+    left = dict(summary["per_category"])
+    for path in [summary["truncated"], *summary["duplicate"]]:
+        left[Path(path).parent.name] -= 1
+    families = IngestionParams().excluded_families
+    return {c: n for c, n in left.items() if matched_family(c, families) is None and n >= 2}
+
+
+def assert_png_picture(path: Path) -> None:
+    """A whole PNG with something drawn on it."""
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        img.load()
+        assert len(img.convert("RGB").getcolors(1 << 16) or range(1 << 16)) > 2, f"{path} is blank"
 
 
 @pytest.mark.slow
-def test_data_pipelines_end_to_end(kedro_project, tiny_catalogue):
+def test_data_pipelines_end_to_end(kedro_project, tiny_demo):
+    tiny_catalogue, summary = tiny_demo
     kedro_project(["ingestion", "preprocessing", "eda"], raw_source=str(tiny_catalogue),
                   preprocessing={"image_size": 48})
     project = kedro_project.path
@@ -51,23 +57,33 @@ def test_data_pipelines_end_to_end(kedro_project, tiny_catalogue):
     assert counts["quarantined"] == 1                     # the truncated photo
     assert counts["duplicates_dropped"] == 2              # both copies of the photo filed under two categories
     assert counts["excluded_family_categories"] == 11
-    assert counts["categories_after"] < counts["categories_before"]
+    kept = expected_kept(summary)
+    assert counts["categories_before"] == summary["categories"] == len(DEMO_CATEGORIES)
+    assert (counts["categories_after"], counts["images_after"]) == (len(kept), sum(kept.values()))
     index = pd.read_parquet(latest(project, "05_model_input/split_index.parquet"))
     import numpy as np
 
     images = np.load(latest(project, "04_feature/image_array.npy"))
     assert images.shape == (len(index), 1, 48, 48) and images.dtype == np.uint8
-    assert set(index["split"]) <= {"train", "val", "test", "open", "excluded"} and (index["split"] == "open").any()
-    assert not set(index.loc[index["split"] == "open", "label"]) & set(index.loc[index["split"] == "train", "label"])
+    assert index["label"].value_counts().to_dict() == kept
+    # the split: round(20 %) of the categories unseen (all their photos), every other one cut 8:1:1 as
+    # closed_set_counts says (the demo has no identical pixels under two categories: nothing excluded)
+    open_labels = set(index.loc[index["split"] == "open", "label"])
+    assert len(open_labels) == round(0.2 * len(kept)) and "excluded" not in set(index["split"])
+    for label, rows in index.groupby("label"):
+        got = tuple(int((rows["split"] == s).sum()) for s in ("train", "val", "test", "open"))
+        want = (0, 0, 0, kept[label]) if label in open_labels else (*closed_set_counts(kept[label], 0.1, 0.1), 0)
+        assert got == want, label
     for fig in ("top_categories", "pca_scree", "pca_cumulative_variance", "pca_eigen_images", "sample_grid"):
-        assert latest(project, f"08_reporting/eda/{fig}.png").stat().st_size > 5000
+        assert_png_picture(latest(project, f"08_reporting/eda/{fig}.png"))
     assert "Bottom 5" in latest(project, "08_reporting/eda/category_table.md").read_text()
     runs = mlflow_runs(project)
     assert len(runs) == 1
     metrics = runs["metrics"][0]
     assert metrics["ingestion.images_after"] == counts["images_after"]
     assert metrics["split.open_images"] == (index["split"] == "open").sum()
-    assert "eda.pca_components_for_target" in metrics
+    pca = json.loads(latest(project, "08_reporting/eda/pca_summary.json").read_text())
+    assert metrics["eda.pca_components_for_target"] == pca["components_for_target"]
 
 
 @pytest.mark.slow
@@ -77,12 +93,15 @@ def test_model_pipelines_compare_evaluate_and_resume(kedro_project, tiny_catalog
     kedro_project(["ingestion", "preprocessing"], raw_source=str(tiny_catalogue), preprocessing={"image_size": 32})
     kedro_project([*MODELS, "compare"], raw_source=str(tiny_catalogue), preprocessing={"image_size": 32}, **params)
     project = kedro_project.path
+    index = pd.read_parquet(latest(project, "05_model_input/split_index.parquet"))
+    train_classes = sorted(set(index.loc[index["split"] == "train", "label"]))
     for model in MODELS:
         metrics = json.loads(latest(project, f"08_reporting/{model}/metrics.json").read_text())
         assert EXPECTED_KEYS <= set(metrics), f"{model}: missing {EXPECTED_KEYS - set(metrics)}"
         assert metrics["epochs"] == 1 and metrics["device"] == "cpu"
         bundle = torch.load(latest(project, f"06_models/{model}/model.pt"), weights_only=True)
-        assert bundle["threshold"] is not None and bundle["classes"]
+        assert bundle["classes"] == train_classes                       # every category it trained on, no other
+        assert bundle["threshold"] == pytest.approx(metrics["threshold"])   # the threshold it was scored with
         for fig in ("pair_distance_histogram", "threshold_curves", "loss_curves"):
             assert latest(project, f"08_reporting/{model}/{fig}.png").exists()
     assert "test_accuracy" in json.loads(latest(project, "08_reporting/cnn/metrics.json").read_text())
@@ -110,11 +129,13 @@ def test_model_pipelines_compare_evaluate_and_resume(kedro_project, tiny_catalog
 
     # evaluate: another source, no training, every category unseen
     other = tmp_path / "other source"
-    generate_demo_catalogue(other, seed=11, size=64, scale=0.3)
+    other_kept = expected_kept(generate_demo_catalogue(other, seed=11, size=64, scale=0.3))
     kedro_project("evaluate", raw_source=str(tiny_catalogue), evaluate={"model": "siamese_triplet", "source": str(other)})
     ev = json.loads(latest(project, "08_reporting/evaluate/metrics.json").read_text())
     assert {"open_set_precision_at_1", "open_set_map_at_r", "open_set_pair_accuracy"} <= set(ev)
-    assert ev["model"] == "siamese_triplet" and ev["open_set_categories"] >= 2
+    # every category of the other source that survives cleaning is scored, with all its photos
+    assert ev["model"] == "siamese_triplet"
+    assert (ev["open_set_categories"], ev["open_set_images"]) == (len(other_kept), sum(other_kept.values()))
 
     # resume: a 2-epoch run continues from the 1-epoch checkpoint instead of starting again
     kedro_project("cnn", raw_source=str(tiny_catalogue), preprocessing={"image_size": 32},

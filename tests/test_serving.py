@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,10 +17,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 
-from partmatch.demo import generate_demo_catalogue
-from tests.conftest import make_photo, new_kedro_project
+from tests.conftest import (
+    experiment_runs,
+    free_port,
+    make_photo,
+    new_kedro_project,
+    png_bytes,
+    tracking_client,
+)
 
 MODEL = "siamese_triplet"
 TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
@@ -30,28 +33,17 @@ TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_p
 
 
 def _logged_models(project: Path, run_id: str) -> list:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = tracking_client(project)
     exp = client.get_experiment_by_name("partmatch")
     return [m for m in client.search_logged_models(experiment_ids=[exp.experiment_id])
             if m.source_run_id == run_id]
 
 
-def _runs(project: Path) -> list:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("partmatch")
-    return client.search_runs([exp.experiment_id])
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_catalogue):
     """A throw-away project (as conftest.kedro_project) where `kedro run --pipeline=siamese_triplet` ran once."""
     root = tmp_path_factory.mktemp("serving")
-    catalogue = root / "tiny catalogue"
-    generate_demo_catalogue(catalogue, seed=3, size=64, scale=0.35)
+    catalogue = tiny_catalogue
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         run = new_kedro_project(root / "project")
@@ -60,8 +52,9 @@ def trained(tmp_path_factory):
         common = {"raw_source": str(catalogue), "preprocessing": {"image_size": 32}}
         run(["ingestion", "preprocessing"], **common)
         run([MODEL], **common, **{MODEL: dict(TINY)})
-    parent = next(r for r in _runs(project) if r.info.run_name == MODEL and "mlflow.parentRunId" not in r.data.tags)
-    child = next(r for r in _runs(project) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    runs = experiment_runs(project)
+    parent = next(r for r in runs if r.info.run_name == MODEL and "mlflow.parentRunId" not in r.data.tags)
+    child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     from partmatch.ml.retrieval import GalleryIndex
 
     index_file = max((project / "data" / "06_models" / MODEL / "gallery_index.faissidx").glob("*/*"))
@@ -73,22 +66,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _catalogue_photos(trained, n: int = 2) -> list[tuple[str, str, bytes]]:
     """(path, part name, bytes) of catalogue photos that are in the gallery index, from different parts."""
     meta = trained["gallery"].drop_duplicates("label").head(n)
     return [(p, lab, (trained["catalogue"] / p).read_bytes()) for p, lab in zip(meta["path"], meta["label"])]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, str]:
@@ -157,7 +138,7 @@ def test_logged_identification_model_predicts_in_process(tmp_path, monkeypatch):
     blobs, rows = [], []
     for c in range(4):
         for i in range(5):
-            blobs.append(_png(make_photo(c, size=(48 + 4 * c, 40), seed=10 * c + i)))
+            blobs.append(png_bytes(make_photo(c, size=(48 + 4 * c, 40), seed=10 * c + i)))
             rows.append({"path": f"part{c}/{i}.png", "label": f"part{c}", "split": "train" if i < 4 else "val"})
     index = pd.DataFrame(rows)
     images = np.stack([preprocess_bytes(b, image_size=32, color_mode="grayscale") for b in blobs])
@@ -196,7 +177,7 @@ def test_logged_identification_model_predicts_in_process(tmp_path, monkeypatch):
         assert len(row.top_parts) == 3 and row.threshold == pytest.approx(bundle["unknown_threshold"])
     assert list(out["verdict"][2:]) == ["error", "error"] and all(out["error"][2:])
     # per-request threshold 0: only an exact catalogue photo is known
-    (row,) = pyfunc.predict(pd.DataFrame({"image": [_png(make_photo(9, seed=123))]}),
+    (row,) = pyfunc.predict(pd.DataFrame({"image": [png_bytes(make_photo(9, seed=123))]}),
                             params={"threshold": 0.0}).itertuples()
     assert row.verdict == "unknown part" and row.part == "unknown part" and row.name == "0"
     with pytest.raises(mlflow.exceptions.MlflowException, match="could be read"):
@@ -227,7 +208,8 @@ def test_logged_model_predicts_in_process(trained):
     for (path, label, _), (_, row) in zip(photos, out.head(len(photos)).iterrows()):
         assert row["verdict"] == "known" and row["part"] == label and row["error"] is None
         assert row["top_items"][0] == path and row["top_distances"][0] == pytest.approx(0, abs=1e-3)
-        assert len(row["top_parts"]) == 3 and row["confidence"] > 0.5
+        # a catalogue photo is its own nearest item (distance ~0): it decides the vote alone
+        assert len(row["top_parts"]) == 3 and row["confidence"] == pytest.approx(1.0, abs=1e-6)
     bad = out.iloc[-1]
     assert bad["verdict"] == "error" and bad["part"] is None and bad["error"]
     with pytest.raises(mlflow.exceptions.MlflowException, match="image"):
@@ -256,7 +238,7 @@ def test_run_logs_one_version_of_each_file(trained):
 def test_served_model_answers_photos_and_rejects_malformed_requests(trained, tmp_path):
     project = trained["project"]
     (model,) = _logged_models(project, trained["parent"].info.run_id)
-    port = _free_port()
+    port = free_port()
     # the scoring server execs `uvicorn` from PATH: the virtual environment's bin must be on it even when the
     # tests run as .venv/bin/python without an activated environment (make test, CI)
     venv_bin = str(Path(sys.executable).parent)
@@ -283,7 +265,7 @@ def test_served_model_answers_photos_and_rejects_malformed_requests(trained, tmp
             time.sleep(1)
 
         photos = _catalogue_photos(trained)
-        stranger = _png(make_photo(5, size=(70, 50), seed=999))
+        stranger = png_bytes(make_photo(5, size=(70, 50), seed=999))
         status, body = _post(f"{base}/invocations",
                              _request([(p, b) for p, _, b in photos] + [("stranger.png", stranger)],
                                       params={"top_k": 2}))

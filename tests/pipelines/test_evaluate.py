@@ -5,16 +5,15 @@ import pandas as pd
 import pytest
 
 from partmatch.pipelines.evaluate.nodes import evaluate_source, model_preprocessing
-from partmatch.pipelines.training.nodes import calibrate_threshold, embed_images, train_model
-from tests.pipelines.test_training import params, tiny_set
+from partmatch.pipelines.training.nodes import calibrate_threshold
+from tests.conftest import tiny_set
 
 
 @pytest.fixture(scope="module")
-def model():
-    images, index = tiny_set()
-    p = params(epochs=1)
-    bundle = train_model(images, index, p, {"image_size": 16, "color_mode": "grayscale"})[0]
-    return calibrate_threshold(bundle, embed_images(bundle, images, p), index, p)[0]
+def model(tiny_trained):
+    """The session's tiny trained bundle, calibrated (its preprocessing: 16 px grayscale)."""
+    t = tiny_trained
+    return calibrate_threshold(t["bundle"], t["embeddings"], t["index"], t["params"])[0]
 
 
 def test_model_preprocessing_overrides_the_current_settings(model):

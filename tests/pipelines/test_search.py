@@ -8,7 +8,6 @@ does: ImageNet features tell the generated shapes apart well enough for known an
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -30,7 +29,7 @@ from partmatch.pipelines.ingestion.nodes import clean_manifest, scan_source
 from partmatch.pipelines.search import nodes
 from partmatch.pipelines.search.datasets import NewPartsSourceDataset, QueryPhotosDataset
 from partmatch.reports import search_report_html
-from tests.conftest import make_photo, png_bytes, save_jpeg
+from tests.conftest import jpeg_bytes, make_photo, png_bytes, save_jpeg
 
 CATALOGUE = {"Brake Disc": 0, "Bracket": 1, "Caliper": 2}   # part name -> make_photo kind (circle/square/triangle)
 PER_PART = 5
@@ -62,12 +61,6 @@ def write_new_parts(root: Path, n: int = 4) -> Path:
     return root
 
 
-def _jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> dict:
     """The recommended architecture, 48 px grey, threshold calibrated on the catalogue's pairs."""
@@ -80,7 +73,7 @@ def bundle(tmp_path_factory) -> dict:
          "classes": sorted(CATALOGUE),
          "preprocessing": {"image_size": 48, "color_mode": "grayscale", "background": 255},
          "normalization": {"mean": [mean], "std": [std]}, "distance": "euclidean", "threshold": None}
-    emb, _ = Embedder(b).embed_bytes([_jpeg(make_photo(k, seed=100 * k + i)) for k in CATALOGUE.values()
+    emb, _ = Embedder(b).embed_bytes([jpeg_bytes(make_photo(k, seed=100 * k + i)) for k in CATALOGUE.values()
                                       for i in range(PER_PART)])
     labels = np.repeat(np.arange(len(CATALOGUE)), PER_PART)
     a, c, same = evaluation.sample_pairs(labels, 200, seed=0)
@@ -194,7 +187,8 @@ def test_a_catalogue_photo_as_query_is_found_at_distance_zero(index, catalogue, 
     assert row["match_1_distance"] == pytest.approx(0.0, abs=1e-4)
     assert row["match_1_path"] == str((catalogue / "Caliper" / "002.jpg").absolute())
     assert row["answer"] == row["predicted_label"] == "Caliper" and row["verdict"] == "known"
-    assert row["correct"] and row["true_label"] == "Caliper" and 0.5 < row["confidence"] <= 1.0
+    # all three nearest are Caliper photos, and the exact copy (distance 0) decides alone: confidence 1
+    assert row["correct"] and row["true_label"] == "Caliper" and row["confidence"] == pytest.approx(1.0, abs=1e-9)
     assert [row[f"match_{r}_label"] for r in (1, 2, 3)] == ["Caliper"] * 3
 
 
@@ -375,7 +369,7 @@ def test_open_set_rejection_and_new_parts_on_the_models_split(bundle):
     for name, kind in parts.items():
         for i in range(6):
             img = cross_photo(seed=200 + i) if kind is None else make_photo(kind, seed=100 * kind + i)
-            blobs.append(_jpeg(img))
+            blobs.append(jpeg_bytes(img))
             rows.append({"label": name, "split": "open" if kind is None else ("train" if i < 4 else "test")})
     emb, _ = Embedder(bundle).embed_bytes(blobs)
     split_index = pd.DataFrame(rows)

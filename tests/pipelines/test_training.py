@@ -4,7 +4,6 @@ import io
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -18,40 +17,16 @@ from partmatch.pipelines.training.nodes import (
     index_gallery,
     train_model,
 )
+from tests.conftest import TINY_CLASSES, tiny_set, training_params
 
-CLASSES = ["Alternator", "Brake Pad", "Fuel Cap", "Headlight", "Radio", "Spark Plug"]
-OPEN = ["Wiper", "Horn"]
-
-
-def tiny_set(per_class: int = 10, size: int = 16) -> tuple[np.ndarray, pd.DataFrame]:
-    """Each category is a bright square at its own position on a white background, with noise."""
-    rng = np.random.default_rng(0)
-    images, rows = [], []
-    for c, label in enumerate(CLASSES + OPEN):
-        for i in range(per_class):
-            img = np.full((size, size), 255, dtype=np.int16)
-            r, col = divmod(c, 3)
-            img[r * 5:r * 5 + 5, col * 5:col * 5 + 5] = 40
-            img = np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
-            images.append(img[None])
-            split = "open" if label in OPEN else ("train" if i < 6 else "val" if i < 8 else "test")
-            rows.append({"label": label, "split": split})
-    return np.stack(images), pd.DataFrame(rows)
-
-
-def params(**over):
-    base = {"task": "embedding", "loss": "triplet", "sampling": "semihard", "margin": 0.2, "normalize": True,
-            "embedding_dim": 8, "epochs": 2, "batch_size": 16, "m_per_class": 4, "lr": 0.005, "patience": None,
-            "seed": 0, "progress": False, "threshold_pairs": 200, "eval_pairs": 100, "checkpoint_dir": None}
-    return {**base, **over}
+CLASSES = TINY_CLASSES
+params = training_params
 
 
 @pytest.fixture(scope="module")
-def trained():
-    images, index = tiny_set()
-    p = params()
-    bundle, history, summary = train_model(images, index, p, {"image_size": 16})
-    return images, index, p, bundle, history, summary, embed_images(bundle, images, p)
+def trained(tiny_trained):
+    t = tiny_trained
+    return t["images"], t["index"], t["params"], t["bundle"], t["history"], t["summary"], t["embeddings"]
 
 
 def test_study_trunk_caches_no_features():
