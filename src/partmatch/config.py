@@ -64,12 +64,32 @@ class IngestionParams(_Params):
     min_side: int = Field(8, ge=1)
     max_aspect_ratio: float = Field(100.0, ge=1)
     allow_outside_root: bool = False
+    # processes that decode the photos (ingestion + preprocessing): "auto" = every core, 1 = no pool
+    workers: int | str = "auto"
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        number = value
+        if isinstance(value, str):
+            try:
+                number = int(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(value, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError("must be 'auto' (every core) or a whole number of processes >= 1 (1 = no pool)")
+        return number
 
 
 class PreprocessingParams(_Params):
     image_size: int = Field(100, ge=8, le=1024)
     color_mode: Literal["grayscale", "rgb"] = "grayscale"
     background: int = Field(255, ge=0, le=255)
+    # image arrays larger than this are memory-mapped files (in memmap_dir, default the system temp folder)
+    memory_budget_mb: float = Field(2048.0, ge=0)
+    memmap_dir: str | None = None
 
 
 class SplitParams(_Params):

@@ -562,15 +562,67 @@ class _VersionedBinaryDataset(AbstractVersionedDataset[Any, Any]):
 
 
 class NpyDataset(_VersionedBinaryDataset):
-    """Versioned NumPy array stored as ``.npy`` (no pickle), e.g. the decoded uint8 image tensor."""
+    """Versioned NumPy array stored as ``.npy`` (no pickle), e.g. the decoded uint8 image tensor.
+
+    ``load_args: {mmap_mode: r}`` loads a local file as a read-only ``numpy.memmap`` (nothing read until used).
+    A ``numpy.memmap`` over a whole ``.npy`` file (``np.lib.format.open_memmap``) is saved straight from its
+    mapping, never copied into memory.
+    """
+
+    def __init__(self, *, filepath: str, version: Version | None = None, credentials: dict[str, Any] | None = None,
+                 fs_args: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+                 load_args: dict[str, Any] | None = None) -> None:
+        super().__init__(filepath=filepath, version=version, credentials=credentials, fs_args=fs_args,
+                         metadata=metadata)
+        self._load_args = dict(load_args or {})
+        unknown = set(self._load_args) - {"mmap_mode"}
+        if unknown:
+            raise DatasetError(f"NpyDataset '{filepath}': unknown load_args {sorted(unknown)} (only mmap_mode)")
+
+    def load(self) -> np.ndarray:
+        mmap_mode = self._load_args.get("mmap_mode")
+        if mmap_mode and self._protocol == "file":
+            return np.load(get_filepath_str(self._get_load_path(), self._protocol), mmap_mode=mmap_mode,
+                           allow_pickle=False)
+        return super().load()
 
     def _decode(self, raw: bytes) -> np.ndarray:
         return np.load(io.BytesIO(raw), allow_pickle=False)
 
-    def _encode(self, data: np.ndarray) -> bytes:
+    def _encode(self, data: np.ndarray) -> bytes | memoryview:
+        whole = _npy_file_view(data)
+        if whole is not None:
+            return whole
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
         return buf.getvalue()
+
+
+def _npy_file_view(data: Any) -> memoryview | None:
+    """The bytes of the ``.npy`` file behind ``data`` when ``data`` is exactly that file's array, else None."""
+    import mmap
+
+    if not isinstance(data, np.memmap) or not isinstance(getattr(data, "base", None), mmap.mmap) \
+            or not data.flags.c_contiguous or not isinstance(data.filename, str):
+        return None
+    try:
+        if hasattr(data, "flush"):
+            data.flush()
+        with open(data.filename, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return None
+            shape, fortran, dtype = read_header(f)
+            header_len = f.tell()
+        size = os.path.getsize(data.filename)
+    except (OSError, ValueError):
+        return None
+    if (tuple(shape) != data.shape or fortran or dtype != data.dtype or data.offset != header_len
+            or size != header_len + data.nbytes or len(data.base) != size):
+        return None
+    return memoryview(data.base)
 
 
 class TorchModelDataset(_VersionedBinaryDataset):

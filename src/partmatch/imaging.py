@@ -88,32 +88,88 @@ def inspect_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int
     shorter side) refuses strips that would shrink to under a pixel or two once padded to a square.
     Animated GIF/WebP/APNG files are accepted; like preprocessing they use the first frame.
     """
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side,
+                        max_aspect_ratio=max_aspect_ratio).info
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a verified photo is turned into the training array (``preprocessing`` parameters)."""
+
+    image_size: int
+    color_mode: str
+    background: int = 255
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    def describe(self) -> str:
+        """One string naming the spec, stored with every decoded row so a later run can tell if it still fits."""
+        return f"{self.color_mode} {self.image_size}px background {self.background}"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One file verified (``info``) and, when a spec was given and the file is usable, preprocessed with it:
+    ``array`` (C, S, S) uint8 and its ``pixel_sha256``, or ``preprocess_error`` when only that step failed."""
+
+    info: ImageInfo
+    array: np.ndarray | None = None
+    pixel_sha256: str | None = None
+    preprocess_error: str | None = None
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int, max_aspect_ratio: float = 100.0,
+                 spec: PreprocessSpec | None = None) -> Decoded:
+    """Verify ``data`` with one full decode and, given ``spec``, preprocess those decoded pixels too.
+
+    The checks and reasons are those of :func:`inspect_image`; the array is byte-identical to
+    :func:`preprocess_bytes` with the same spec (same decoder, same first frame, same transforms), so a photo is
+    decoded once for both. Never raises.
+    """
     digest, size = sha256(data), len(data)
     if size == 0:
-        return ImageInfo(digest, size, error="empty file")
+        return Decoded(ImageInfo(digest, size, error="empty file"))
     if size > max_bytes:
-        return ImageInfo(digest, size, error=f"file too large: {size} bytes > {max_bytes} (ingestion.max_file_mb)")
+        return Decoded(ImageInfo(digest, size,
+                                 error=f"file too large: {size} bytes > {max_bytes} (ingestion.max_file_mb)"))
     try:
         with _open(data, max_pixels) as img:
             width, height, mode, fmt = img.width, img.height, img.mode, img.format
             if min(width, height) < min_side:
-                return ImageInfo(digest, size, width, height, mode, fmt,
-                                 error=f"image too small: {width}x{height} < {min_side} px (ingestion.min_side)")
+                return Decoded(ImageInfo(digest, size, width, height, mode, fmt,
+                                         error=f"image too small: {width}x{height} < {min_side} px (ingestion.min_side)"))
             if max(width, height) > max_aspect_ratio * min(width, height):
                 ratio = max(width, height) / min(width, height)
-                return ImageInfo(digest, size, width, height, mode, fmt,
-                                 error=f"image too elongated: {width}x{height} is {ratio:.0f}:1 > {max_aspect_ratio:g}:1 "
-                                       "(ingestion.max_aspect_ratio); it would shrink to a line once padded to a square")
+                return Decoded(ImageInfo(
+                    digest, size, width, height, mode, fmt,
+                    error=f"image too elongated: {width}x{height} is {ratio:.0f}:1 > {max_aspect_ratio:g}:1 "
+                          "(ingestion.max_aspect_ratio); it would shrink to a line once padded to a square"))
             orientation = img.getexif().get(0x0112)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img.seek(0)
                 img.load()
+            info = ImageInfo(digest, size, width, height, mode, fmt, int(orientation) if orientation else None)
+            if spec is None:
+                return Decoded(info)
+            try:
+                arr = _to_array(pad_and_resize(to_canonical(img, spec.color_mode, spec.background), spec.image_size,
+                                               spec.background))
+            except Exception as exc:  # noqa: BLE001 - verified but not preprocessable: reported by preprocessing
+                return Decoded(info, preprocess_error=f"{type(exc).__name__}: {exc}")
+            return Decoded(info, arr, sha256(arr.tobytes()))
     except ImageRejected as exc:
-        return ImageInfo(digest, size, error=str(exc))
+        return Decoded(ImageInfo(digest, size, error=str(exc)))
     except Exception as exc:  # noqa: BLE001 - any decoder failure quarantines the file
-        return ImageInfo(digest, size, error=f"unreadable image: {type(exc).__name__}: {exc}")
-    return ImageInfo(digest, size, width, height, mode, fmt, int(orientation) if orientation else None)
+        return Decoded(ImageInfo(digest, size, error=f"unreadable image: {type(exc).__name__}: {exc}"))
+
+
+def _to_array(img: Image.Image) -> np.ndarray:
+    """(C, H, W) uint8, C-contiguous."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(arr[None, :, :]) if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 @functools.lru_cache(maxsize=1)
@@ -182,5 +238,64 @@ def preprocess_bytes(data: bytes, *, image_size: int, color_mode: str, backgroun
         img.seek(0)
         img.load()
         out = pad_and_resize(to_canonical(img, color_mode, background), image_size, background)
-    arr = np.asarray(out, dtype=np.uint8)
-    return arr[None, :, :] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return _to_array(out)
+
+
+# Work units of the decoding pool (partmatch.pipelines.ingestion.decoding.run_chunked): module-level, so they
+# pickle by name, and light (Pillow, NumPy). An item's source is the file's path on disk, read by the worker, or
+# its bytes, read by the caller (a source without paths).
+
+def read_file(path: str) -> bytes:
+    """The bytes of one raw file (what ``ImageSource.read_bytes`` returns for a key whose file is ``path``)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def decode_chunk(items: list[tuple[int, str | bytes]], *, limits: dict, spec: PreprocessSpec | None,
+                 root: str) -> list[tuple[int, Decoded]]:
+    """:func:`decode_image` of every ``(row, path or bytes)``; ``limits`` are its keyword limits. A file that
+    cannot be read gets the reason ("file not found under ``root``", "cannot read file: ...")."""
+    out = []
+    for row, source in items:
+        if isinstance(source, str):
+            try:
+                source = read_file(source)
+            except FileNotFoundError:
+                out.append((row, Decoded(ImageInfo("", 0, error=f"file not found under {root}"))))
+                continue
+            except OSError as exc:
+                out.append((row, Decoded(ImageInfo("", 0, error=f"cannot read file: {type(exc).__name__}: {exc}"))))
+                continue
+        out.append((row, decode_image(source, spec=spec, **limits)))
+    return out
+
+
+def verify_chunk(items: list[tuple[int, str | bytes, str, bool]], *, spec: PreprocessSpec,
+                 given: str) -> list[tuple[int, str | None, np.ndarray | None, str | None, str | None]]:
+    """Check every ``(row, path or bytes, expected sha256, decode)`` against the hash and, when ``decode``,
+    preprocess it: ``(row, changed, array, pixel_sha256, failure)``; ``changed`` says why the file is not the
+    one hashed (missing, other bytes), ``failure`` why :func:`preprocess_bytes` refused it."""
+    out: list[tuple[int, str | None, np.ndarray | None, str | None, str | None]] = []
+    for row, source, expected, decode in items:
+        if isinstance(source, str):
+            try:
+                source = read_file(source)
+            except OSError as exc:
+                out.append((row, f"missing from raw_source {given} ({type(exc).__name__})", None, None, None))
+                continue
+        digest = sha256(source)
+        if digest != expected:
+            why = f"bytes changed since ingestion (sha256 {digest[:12]}... != manifest's {str(expected)[:12]}...)"
+            out.append((row, why, None, None, None))
+            continue
+        if not decode:
+            out.append((row, None, None, None, None))
+            continue
+        try:
+            arr = preprocess_bytes(source, image_size=spec.image_size, color_mode=spec.color_mode,
+                                   background=spec.background)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, not fatal
+            out.append((row, None, None, None, f"{type(exc).__name__}: {exc}"))
+            continue
+        out.append((row, None, arr, sha256(arr.tobytes()), None))
+    return out

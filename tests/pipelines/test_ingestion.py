@@ -5,9 +5,9 @@ import os
 import pandas as pd
 import pytest
 
+from partmatch import imaging
 from partmatch.config import ParameterError
 from partmatch.datasets import ImageSource, ImageSourceDataset
-from partmatch.imaging import inspect_image
 from partmatch.pipelines.ingestion.nodes import (
     CleaningError,
     clean_manifest,
@@ -181,8 +181,11 @@ def make_outside_sources(tmp_path):
 def test_csv_paths_outside_the_source_are_never_read(tmp_path, monkeypatch):
     csv = make_outside_sources(tmp_path)
     read = []
-    real_read = ImageSource.read_bytes
+    real_read, real_read_file = ImageSource.read_bytes, imaging.read_file
     monkeypatch.setattr(ImageSource, "read_bytes", lambda self, key: read.append(key) or real_read(self, key))
+    # the decoding workers (in this process for 2 files) open files by their path on disk
+    monkeypatch.setattr(imaging, "read_file", lambda path: read.append(
+        os.path.relpath(path, csv.parent)) or real_read_file(path))
     _, quarantine, clean, *_ = run_all(csv)
     assert sorted(read) == ["img/0.jpg", "img/1.jpg"]                    # the outside photo is never opened
     assert list(clean["path"]) == ["img/0.jpg", "img/1.jpg"]
@@ -273,10 +276,10 @@ def write_hostile_csv(tmp_path, repeats=100_000):
 
 def test_hostile_csv_every_row_accounted_for_and_read_once(tmp_path, monkeypatch):
     csv = write_hostile_csv(tmp_path)
-    from partmatch.pipelines.ingestion import nodes
 
     decoded = []
-    monkeypatch.setattr(nodes, "inspect_image", lambda data, **kw: decoded.append(1) or inspect_image(data, **kw))
+    real = imaging.decode_image
+    monkeypatch.setattr(imaging, "decode_image", lambda data, **kw: decoded.append(1) or real(data, **kw))
     source = ImageSourceDataset(path=str(csv)).load()
     assert source.kind == "csv" and len(source.records) == 12 and len(source.skipped) == 1  # BOM, ';' understood
     manifest, quarantine, clean, dropped, report, counts, _ = run_all(csv)

@@ -157,7 +157,7 @@ def test_nothing_decodable_fails_with_the_first_reason(tmp_path, monkeypatch):
 
     def undecodable(data, **kw):
         raise OSError("decoder broke")
-    monkeypatch.setattr("partmatch.pipelines.preprocessing.nodes.preprocess_bytes", undecodable)
+    monkeypatch.setattr("partmatch.imaging.preprocess_bytes", undecodable)
     with pytest.raises(PreprocessingError, match=rf"^0 of 4 images could be preprocessed from raw_source "
                                                   rf"{re.escape(source_a.root)}; first failure: Disc/0\.jpg: "
                                                   r"OSError: decoder broke\."):

@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from partmatch import config
 from partmatch.cleaning import find_duplicates, matched_family, unsafe_label_reason
 from partmatch.datasets import ImageSource, printable
-from partmatch.imaging import IMAGE_EXTENSIONS, inspect_image
+from partmatch.imaging import (
+    IMAGE_EXTENSIONS,
+    Decoded,
+    ImageInfo,
+    PreprocessSpec,
+    decode_chunk,
+)
 from partmatch.tracking import as_mlflow_metrics
+
+from .decoding import (
+    allocate_images,
+    chunked,
+    effective_workers,
+    resolve_workers,
+    run_chunked,
+)
 
 logger = logging.getLogger(__name__)
 
 # source_root: the raw_source the manifest was made from (preprocessing names it when the source changed)
 MANIFEST_COLUMNS = ["path", "label", "split_hint", "sha256", "width", "height", "mode", "format",
                     "exif_orientation", "bytes", "source_root"]
+# scan_and_decode only: where the file's preprocessed pixels are in the decoded images, their hash, the spec
+# they were made with, and why preprocessing failed on a file that decoded (reported by preprocess_images)
+DECODED_COLUMNS = ["decoded_row", "pixel_sha256", "decoded_as", "preprocess_error"]
 DROP_COLUMNS = ["path", "label", "stage", "reason"]
 
 
@@ -33,31 +52,39 @@ def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.Dat
     Every record ends in exactly one of the two. Refused before any byte is read: names that are not valid
     UTF-8, files that resolve outside the source folder (unless ``ingestion.allow_outside_root``), unsafe
     category names and non-image extensions. A file listed under several labels is read and decoded once.
+    Decoding runs on ``ingestion.workers`` processes; the result does not depend on their number.
+    """
+    manifest, quarantine, _ = _scan(raw_images, config.parse("ingestion", params), None, None)
+    return manifest, quarantine
+
+
+def scan_and_decode(raw_images: ImageSource, params: dict[str, Any],
+                    preprocessing: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """``scan_source`` whose verification decode also preprocesses each photo (``preprocessing`` parameters).
+
+    Returns (manifest, quarantine, decoded images): row ``decoded_row`` of the (N, C, S, S) uint8 array is the
+    preprocessed photo of every manifest row naming that file, ``pixel_sha256`` its hash and ``decoded_as`` the
+    preprocessing it had, so ``preprocess_images`` selects the clean rows instead of decoding every photo again
+    (and can prove each row is the one ingestion made from the bytes the manifest hashed). Above
+    ``preprocessing.memory_budget_mb`` the array is memory-mapped. Rows of quarantined files stay zero.
     """
     p = config.parse("ingestion", params)
+    pp = config.parse("preprocessing", preprocessing)
+    spec = PreprocessSpec(pp.image_size, pp.color_mode, pp.background)
+    manifest, quarantine, images = _scan(raw_images, p, spec, pp)
+    return manifest, quarantine, images
+
+
+def _scan(raw_images: ImageSource, p: config.IngestionParams, spec: PreprocessSpec | None,
+          pp: config.PreprocessingParams | None) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray | None]:
     max_bytes = int(p.max_file_mb * 1024 * 1024)
-    good = []
     bad = [{"path": printable(s["path"]), "label": None if s.get("label") is None else printable(s["label"]),
             "stage": s.get("stage", "scan"), "reason": printable(s["reason"])} for s in raw_images.skipped]
-    inspected: dict[str, tuple[Any, str | None]] = {}
-
-    def inspect(key: str) -> tuple[Any, str | None]:
-        if key not in inspected:
-            try:
-                data = raw_images.read_bytes(key)
-            except FileNotFoundError:
-                inspected[key] = (None, f"file not found under {printable(raw_images.root)}")
-            except OSError as exc:
-                inspected[key] = (None, printable(f"cannot read file: {type(exc).__name__}: {exc}"))
-            else:
-                info = inspect_image(data, max_bytes=max_bytes, max_pixels=p.max_pixels, min_side=p.min_side,
-                                     max_aspect_ratio=p.max_aspect_ratio)
-                inspected[key] = (info, info.error)
-        return inspected[key]
-
-    for rec in tqdm(raw_images.records.itertuples(index=False), total=len(raw_images.records),
-                    desc="ingestion: verifying images", unit="img", mininterval=2):
-        path, label = printable(rec.path), printable(rec.label)  # records hold valid UTF-8 (see ImageSource)
+    records = list(raw_images.records.itertuples(index=False))
+    # 1. what can be refused without reading a byte; every other distinct file is decoded once (in record order)
+    refused: list[str | None] = []
+    rows: dict[str, int] = {}
+    for rec in records:
         reason = None
         if not p.allow_outside_root:
             target = raw_images.outside_root(rec.path)
@@ -69,19 +96,70 @@ def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.Dat
         if reason is None and PurePosixPath(rec.path).suffix.lower() not in IMAGE_EXTENSIONS:
             reason = f"not an image file (extension '{PurePosixPath(rec.path).suffix}')"
         if reason is None:
-            info, reason = inspect(rec.path)
+            rows.setdefault(rec.path, len(rows))
+        refused.append(reason)
+    keys = list(rows)
+    # 2. decode them on every core
+    decoded: list[Decoded | None] = [None] * len(keys)
+    images = None
+    if spec is not None:
+        images = allocate_images((len(keys), spec.channels, spec.image_size, spec.image_size),
+                                 memory_budget_mb=pp.memory_budget_mb, memmap_dir=pp.memmap_dir)
+
+    def work():
+        """(row, path) for the workers to read, or (row, bytes) for a source without paths on disk."""
+        for i, key in enumerate(keys):
+            path = raw_images.files.get(key)
+            if path is not None:
+                yield i, path
+                continue
+            try:
+                yield i, raw_images.read_bytes(key)
+            except FileNotFoundError:
+                decoded[i] = Decoded(ImageInfo("", 0, error=f"file not found under {printable(raw_images.root)}"))
+            except OSError as exc:
+                decoded[i] = Decoded(ImageInfo("", 0, error=f"cannot read file: {type(exc).__name__}: {exc}"))
+
+    limits = {"max_bytes": max_bytes, "max_pixels": p.max_pixels, "min_side": p.min_side,
+              "max_aspect_ratio": p.max_aspect_ratio}
+    workers = effective_workers(resolve_workers(p.workers), len(keys))
+    fn = functools.partial(decode_chunk, limits=limits, spec=spec, root=printable(raw_images.root))
+    for results in run_chunked(fn, chunked(work()), workers=workers, total=len(keys),
+                               desc=f"ingestion: verifying images ({workers} process{'es' if workers > 1 else ''})"):
+        for i, result in results:
+            if result.array is not None:
+                images[i] = result.array
+                result = dataclasses.replace(result, array=None)
+            decoded[i] = result
+    # 3. the manifest and the quarantine list, in record order
+    good = []
+    for rec, reason in zip(records, refused, strict=True):
+        path, label = printable(rec.path), printable(rec.label)  # records hold valid UTF-8 (see ImageSource)
+        if reason is None:
+            result = decoded[rows[rec.path]]
+            info, reason = result.info, result.info.error
+            reason = None if reason is None else printable(reason)
             if reason is None:
-                good.append({"path": rec.path, "label": rec.label, "split_hint": rec.split_hint, "sha256": info.sha256,
-                             "width": info.width, "height": info.height, "mode": info.mode, "format": info.format,
-                             "exif_orientation": info.exif_orientation, "bytes": info.bytes,
-                             "source_root": raw_images.given})
+                row = {"path": rec.path, "label": rec.label, "split_hint": rec.split_hint, "sha256": info.sha256,
+                       "width": info.width, "height": info.height, "mode": info.mode, "format": info.format,
+                       "exif_orientation": info.exif_orientation, "bytes": info.bytes,
+                       "source_root": raw_images.given}
+                if spec is not None:
+                    row.update(decoded_row=rows[rec.path], decoded_as=spec.describe(),
+                               pixel_sha256=result.pixel_sha256, preprocess_error=result.preprocess_error)
+                good.append(row)
                 continue
         bad.append({"path": path, "label": label, "stage": "quarantine", "reason": reason})
-    manifest = pd.DataFrame(good, columns=MANIFEST_COLUMNS).astype({"exif_orientation": "Int64"})
+    columns = MANIFEST_COLUMNS + (DECODED_COLUMNS if spec is not None else [])
+    manifest = pd.DataFrame(good, columns=columns).astype({"exif_orientation": "Int64"})
+    if spec is not None:
+        manifest = manifest.astype({"decoded_row": "int64"})
     quarantine = pd.DataFrame(bad, columns=DROP_COLUMNS)
-    logger.info("Scanned %d files: %d usable, %d quarantined, %d skipped.", len(raw_images.records), len(manifest),
+    logger.info("Scanned %d files: %d usable, %d quarantined, %d skipped.", len(records), len(manifest),
                 int((quarantine["stage"] == "quarantine").sum()), int((quarantine["stage"] == "scan").sum()))
-    return manifest, quarantine
+    if images is not None and isinstance(images, np.memmap):
+        images.flush()
+    return manifest, quarantine, images
 
 
 def clean_manifest(manifest: pd.DataFrame, quarantine: pd.DataFrame,
@@ -96,7 +174,11 @@ def clean_manifest(manifest: pd.DataFrame, quarantine: pd.DataFrame,
             "and point --params=raw_source=PATH at a folder of photos in category sub-folders or a CSV manifest."
         )
     dropped = []
-    dup_reasons, conflicts = find_duplicates(manifest)
+    # only files whose bytes occur more than once can be duplicates: the rest skips find_duplicates' group-by
+    repeated = manifest["sha256"].duplicated(keep=False)
+    dup_reasons = pd.Series([None] * len(manifest), index=manifest.index, dtype=object)
+    found, conflicts = find_duplicates(manifest.loc[repeated])
+    dup_reasons.loc[found.index] = found
     for conflict in conflicts:
         logger.warning("Duplicate conflict: identical photo filed under %s: %s", conflict["labels"], conflict["paths"])
     is_dup = dup_reasons.notna()

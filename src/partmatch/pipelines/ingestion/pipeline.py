@@ -4,15 +4,16 @@ from kedro.pipeline import Node, Pipeline
 
 from partmatch.pipelines import grouped
 
-from .nodes import clean_manifest, scan_source, summarise_cleaning
+from .nodes import clean_manifest, scan_and_decode, summarise_cleaning
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Scan the raw source, quarantine bad files, clean, and report."""
     return grouped(Pipeline(
         [
-            Node(scan_source, ["raw_images", "params:ingestion"], ["raw_manifest", "quarantine"],
-                 name="scan_source"),
+            # one decode per photo: verified and preprocessed at once; preprocessing selects the clean rows
+            Node(scan_and_decode, ["raw_images", "params:ingestion", "params:preprocessing"],
+                 ["raw_manifest", "quarantine", "decoded_images"], name="scan_source"),
             Node(clean_manifest, ["raw_manifest", "quarantine", "params:ingestion"],
                  ["clean_manifest", "dropped_files"], name="clean_manifest"),
             Node(summarise_cleaning, ["raw_manifest", "dropped_files", "clean_manifest", "params:ingestion"],

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from partmatch import config
 from partmatch.datasets import ImageSource
-from partmatch.imaging import preprocess_bytes, sha256
+from partmatch.imaging import PreprocessSpec, sha256, verify_chunk
+from partmatch.pipelines.ingestion.decoding import (
+    allocate_images,
+    chunked,
+    effective_workers,
+    keep_rows,
+    resolve_workers,
+    run_chunked,
+)
 from partmatch.splits import assign_splits, split_summary
 from partmatch.tracking import as_mlflow_metrics
 
@@ -23,6 +31,8 @@ logger = logging.getLogger(__name__)
 MAX_CHANGED_FRACTION = 0.5
 # Where ingestion may record the source it scanned: a column of the manifest, else ``DataFrame.attrs``.
 SOURCE_KEYS = ("source_root", "raw_source")
+# Hash checks that cost about as much as one decode (sizes the pool: a few thousand checks alone need none).
+VERIFY_PER_DECODE = 16
 
 
 class PreprocessingError(RuntimeError):
@@ -50,60 +60,143 @@ def _read_verified(raw_images: ImageSource, path: str, expected_sha: str) -> tup
     return data, None
 
 
-def preprocess_images(raw_images: ImageSource, clean_manifest: pd.DataFrame,
-                      params: dict[str, Any]) -> tuple[np.ndarray, pd.DataFrame]:
+def preprocess_images(raw_images: ImageSource, clean_manifest: pd.DataFrame, params: dict[str, Any],
+                      decoded_images: np.ndarray | None = None,
+                      ingestion: dict[str, Any] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Decode, EXIF-transpose, flatten alpha, grayscale/RGB, pad to square and resize; rows align with the index.
 
-    Every file's bytes are checked against the sha256 ingestion recorded: a file that changed (or is missing)
-    is skipped with a warning, never processed under the manifest's label; when more than half of them differ
-    the source is another one and the node fails naming both. Fails too when no image is left.
+    With ``decoded_images`` (what ``scan_and_decode`` made in ingestion) nothing is decoded again: a clean row
+    takes its preprocessed pixels from there when they were made with these ``preprocessing`` parameters and
+    still hash to the manifest's ``pixel_sha256``; any other row is decoded here, on ``ingestion.workers``
+    processes. Every file's bytes are checked against the sha256 ingestion recorded: a file that changed (or is
+    missing) is skipped with a warning, never processed under the manifest's label; when more than half of them
+    differ the source is another one and the node fails naming both. Fails too when no image is left.
     """
     p = config.parse("preprocessing", params)
-    channels = 1 if p.color_mode == "grayscale" else 3
+    workers = resolve_workers(config.parse("ingestion", ingestion or {}).workers)
+    spec = PreprocessSpec(p.image_size, p.color_mode, p.background)
     if clean_manifest.empty:
         raise PreprocessingError(
             "clean_manifest has 0 images: nothing to preprocess (an earlier ingestion run probably failed). "
             "Re-run ingestion: kedro run --pipeline ingestion --params=raw_source=PATH")
-    images = np.empty((len(clean_manifest), channels, p.image_size, p.image_size), dtype=np.uint8)
-    keep, pixel_hashes, changed, failures = [], [], [], []
-    for row in tqdm(clean_manifest.itertuples(index=False), total=len(clean_manifest), unit="img",
-                    desc=f"preprocessing: {p.color_mode} {p.image_size}px", mininterval=2):
-        data, why = _read_verified(raw_images, row.path, row.sha256)
-        if data is None:
-            changed.append((row.path, why))
-            if len(changed) > MAX_CHANGED_FRACTION * len(clean_manifest):
-                break
-            continue
-        try:
-            arr = preprocess_bytes(data, image_size=p.image_size, color_mode=p.color_mode, background=p.background)
-        except Exception as exc:  # noqa: BLE001 - same bytes as ingestion verified; reported, not fatal
-            failures.append((row.path, f"{type(exc).__name__}: {exc}"))
-            continue
-        images[len(keep)] = arr
-        keep.append(row)
-        pixel_hashes.append(sha256(arr.tobytes()))
-    if len(changed) > MAX_CHANGED_FRACTION * len(clean_manifest):
+    rows = list(clean_manifest.itertuples(index=False))
+    reusable = _reusable_rows(clean_manifest, decoded_images, spec)
+    images = allocate_images((len(rows), spec.channels, p.image_size, p.image_size),
+                             memory_budget_mb=p.memory_budget_mb, memmap_dir=p.memmap_dir)
+    pixel_hashes: list[str | None] = [None] * len(rows)
+    changed, failures = [], {}
+    taken, mismatched, n_decoded = [], [], 0
+    done: set[int] = set()
+    too_many = MAX_CHANGED_FRACTION * len(rows)
+    fn = functools.partial(verify_chunk, spec=spec, given=raw_images.given)
+
+    def work(decode_all: bool):
+        """(row, path or bytes, sha256, decode?) of every row still to do; stops once the source is another one."""
+        for i, row in enumerate(rows):
+            if len(changed) > too_many:
+                return
+            if i in done:
+                continue
+            decode = decode_all or not reusable[i]
+            path = raw_images.files.get(row.path)
+            if path is not None:
+                yield i, path, row.sha256, decode
+                continue
+            data, why = _read_verified(raw_images, row.path, row.sha256)
+            if data is None:
+                changed.append((i, row.path, why))
+                done.add(i)
+                continue
+            yield i, data, row.sha256, decode
+
+    def run(decode_all: bool, todo: int, desc: str) -> None:
+        nonlocal n_decoded
+        # checking a file's hash costs ~1/16 of decoding it: a pool only when there is enough of either to do
+        n_decode = todo if decode_all else int((~reusable).sum())
+        pool = effective_workers(workers, n_decode + -(-(todo - n_decode) // VERIFY_PER_DECODE))
+        for results in run_chunked(fn, chunked(work(decode_all)), workers=pool, total=todo, desc=desc):
+            for i, why, arr, digest, failure in results:
+                row = rows[i]
+                done.add(i)
+                if why is not None:
+                    changed.append((i, row.path, why))
+                elif failure is not None:
+                    n_decoded += 1
+                    failures[i] = (row.path, failure)
+                elif arr is not None:
+                    n_decoded += 1
+                    images[i] = arr
+                    pixel_hashes[i] = digest
+                elif isinstance(row.preprocess_error, str):      # ingestion's decode could not preprocess it
+                    failures[i] = (row.path, row.preprocess_error)
+                else:                                            # verified: ingestion's pixels, hash-checked
+                    pixels = decoded_images[row.decoded_row]
+                    digest = sha256(pixels.tobytes())
+                    if digest == row.pixel_sha256:
+                        images[i] = pixels
+                        pixel_hashes[i] = digest
+                        taken.append(i)
+                    else:
+                        mismatched.append(i)
+                        done.discard(i)
+
+    run(False, len(rows), f"preprocessing: {p.color_mode} {p.image_size}px")
+    if mismatched and len(changed) <= too_many:  # rows of decoded_images that are not this manifest's: decode
+        run(True, len(mismatched), "preprocessing: decoding")
+    changed.sort()
+    if len(changed) > too_many:
         made_from = _manifest_source(clean_manifest)
         raise PreprocessingError(
             f"clean_manifest was made from {made_from or 'another source (its root is not recorded)'}, but "
             f"raw_source is now {raw_images.given}: more than {MAX_CHANGED_FRACTION:.0%} of its "
             f"{len(clean_manifest)} files are missing or have other bytes than ingestion hashed (e.g. "
-            f"{changed[0][0]}: {changed[0][1]}). Re-run ingestion on this source (kedro run --pipeline ingestion "
+            f"{changed[0][1]}: {changed[0][2]}). Re-run ingestion on this source (kedro run --pipeline ingestion "
             f"--params=raw_source={raw_images.given}) or pass --params=raw_source={made_from or '<the source ingestion used>'}.")
-    for path, reason in changed:
+    for _, path, reason in changed:
         logger.warning("preprocessing skipped %s: %s; re-run ingestion if the source changed", path, reason)
-    for path, reason in failures:
-        logger.warning("preprocessing skipped %s: %s", path, reason)
+    for i in sorted(failures):
+        logger.warning("preprocessing skipped %s: %s", *failures[i])
     if changed or failures:
         logger.warning("preprocessing skipped %d of %d files (%d changed or missing since ingestion, %d failed).",
                        len(changed) + len(failures), len(clean_manifest), len(changed), len(failures))
+    if mismatched:
+        logger.warning("preprocessing decoded %d photo(s) again whose row in decoded_images is not the one ingestion "
+                       "made for them (e.g. %s): decoded_images and clean_manifest come from different runs.",
+                       len(mismatched), rows[mismatched[0]].path)
+    logger.info("preprocessing: %d of %d photos taken from ingestion's decode, %d decoded here.", len(taken),
+                len(rows), n_decoded)
+    keep = [i for i, digest in enumerate(pixel_hashes) if digest is not None]
     if not keep:
+        first = failures[min(failures)]
         raise PreprocessingError(
             f"0 of {len(clean_manifest)} images could be preprocessed from raw_source {raw_images.given}; "
-            f"first failure: {failures[0][0]}: {failures[0][1]}. Re-run ingestion on this source.")
-    index = pd.DataFrame(keep, columns=clean_manifest.columns)[["path", "label", "sha256", "split_hint"]]
-    index["pixel_hash"] = pixel_hashes
-    return images[: len(keep)], index
+            f"first failure: {first[0]}: {first[1]}. Re-run ingestion on this source.")
+    index = pd.DataFrame([rows[i] for i in keep], columns=clean_manifest.columns)[["path", "label", "sha256",
+                                                                                   "split_hint"]]
+    index["pixel_hash"] = [pixel_hashes[i] for i in keep]
+    return keep_rows(images, keep, memory_budget_mb=p.memory_budget_mb, memmap_dir=p.memmap_dir), index
+
+
+def _reusable_rows(clean_manifest: pd.DataFrame, decoded_images: np.ndarray | None,
+                   spec: PreprocessSpec) -> np.ndarray:
+    """Which clean rows ingestion already preprocessed with ``spec`` (their pixels are hash-checked on use)."""
+    n = len(clean_manifest)
+    if decoded_images is None:
+        return np.zeros(n, dtype=bool)
+    missing = [c for c in ("decoded_row", "pixel_sha256", "decoded_as") if c not in clean_manifest.columns]
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    if missing or decoded_images.ndim != 4 or decoded_images.shape[1:] != shape or decoded_images.dtype != np.uint8:
+        logger.info("preprocessing decodes every photo: ingestion's decoded images (%s) do not fit %s (%s).",
+                    getattr(decoded_images, "shape", None), spec.describe(),
+                    f"manifest lacks {missing}" if missing else f"need (N, {', '.join(map(str, shape))}) uint8")
+        return np.zeros(n, dtype=bool)
+    row = pd.to_numeric(clean_manifest["decoded_row"], errors="coerce")
+    ok = ((clean_manifest["decoded_as"] == spec.describe()) & row.notna() & (row >= 0)
+          & (row < len(decoded_images))).to_numpy(dtype=bool)
+    if not ok.all():
+        logger.info("preprocessing decodes %d of %d photos again: ingestion decoded them as %s, not %s.",
+                    int((~ok).sum()), n, sorted(set(clean_manifest["decoded_as"].dropna()))[:3], spec.describe())
+    return ok
 
 
 def split_images(image_index: pd.DataFrame, params: dict[str, Any]) -> tuple[pd.DataFrame, dict, dict]:
