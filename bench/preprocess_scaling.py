@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars off: they would be timed too
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -48,15 +49,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CARPARTS = ROOT.parent / "shared" / "datasets" / "carparts"
 
 
-def run_data_pipelines(source, workers: int) -> tuple[float, dict]:
-    """ingestion + preprocessing as the pipelines call them; (seconds, outputs)."""
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_data_pipelines(source, workers: int) -> tuple[float, tuple[float, float], dict]:
+    """ingestion + preprocessing as the pipelines call them; (seconds, (main CPU s, workers CPU s), outputs)."""
     ingestion, preprocessing = {"workers": workers}, {}
+    main0, kids0 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     raw, quarantine, decoded = scan_and_decode(source, ingestion, preprocessing)
     clean, dropped = clean_manifest(raw, quarantine, ingestion)
     images, index = preprocess_images(source, clean, preprocessing, decoded, ingestion)
     seconds = time.perf_counter() - t0
-    return seconds, {"raw_manifest": raw, "quarantine": quarantine, "decoded_images": np.asarray(decoded),
+    cpu = (cpu_seconds(resource.RUSAGE_SELF) - main0, cpu_seconds(resource.RUSAGE_CHILDREN) - kids0)
+    return seconds, cpu, {"raw_manifest": raw, "quarantine": quarantine, "decoded_images": np.asarray(decoded),
                      "clean_manifest": clean, "dropped_files": dropped, "image_array": np.asarray(images),
                      "image_index": index}
 
@@ -102,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"source: {args.source} ({len(source.records)} files); cores available: {cpu_count()}; "
           f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; python {sys.version.split()[0]}")
     times: dict[int, list[float]] = {1: [], args.workers: []}
+    cpus: dict[int, list[tuple[float, float]]] = {1: [], args.workers: []}
     outputs: dict[int, dict] = {}
     for r in range(args.repeats):
         order = [1, args.workers] if r % 2 == 0 else [args.workers, 1]
         for w in order:
-            seconds, out = run_data_pipelines(source, w)
+            seconds, cpu, out = run_data_pipelines(source, w)
             times[w].append(seconds)
+            cpus[w].append(cpu)
             outputs.setdefault(w, out)
         print(f"  repeat {r + 1}: 1 worker {times[1][-1]:.2f} s, {args.workers} workers {times[args.workers][-1]:.2f} s")
     one, many = statistics.median(times[1]), statistics.median(times[args.workers])
@@ -116,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  1 worker : {one:7.2f} s  ({len(source.records) / one:6.0f} files/s)")
     print(f"  {args.workers} workers: {many:7.2f} s  ({len(source.records) / many:6.0f} files/s)")
     print(f"  speed-up : {one / many:.2f}x  (target >= 1.7x with 2 workers on 2 free cores)")
+    cpu_one = statistics.median(a + b for a, b in cpus[1])
+    main_cpu = statistics.median(a for a, _ in cpus[args.workers])
+    kids_cpu = statistics.median(b for _, b in cpus[args.workers])
+    bound = cpu_one / max(main_cpu, (main_cpu + kids_cpu) / args.workers)
+    print(f"  CPU seconds (median): 1 worker {cpu_one:.2f}; {args.workers} workers: this process {main_cpu:.2f} + "
+          f"workers {kids_cpu:.2f}. On {args.workers} idle cores the CPU split allows at most {bound:.2f}x "
+          "(a loaded machine inflates CPU time too)")
     if args.baseline:
         base = statistics.median(run_two_decodes(source) for _ in range(args.repeats))
         print(f"  decode twice, 1 process (before): {base:7.2f} s -> decode once, 1 worker: {base / one:.2f}x faster")

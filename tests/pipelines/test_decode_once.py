@@ -23,7 +23,10 @@ from partmatch.pipelines.ingestion.nodes import (
     scan_and_decode,
     scan_source,
 )
-from partmatch.pipelines.preprocessing.nodes import preprocess_images
+from partmatch.pipelines.preprocessing.nodes import (
+    PreprocessingError,
+    preprocess_images,
+)
 from tests.conftest import make_photo, png_bytes, save_jpeg
 
 INGESTION = {"min_images_per_class": 2, "max_pixels": 1_000_000}
@@ -272,3 +275,22 @@ def test_kedro_run_decodes_once_through_the_catalog(tmp_path, tiny_catalogue):
     assert "ingestion: verifying images (2 processes): 100%" in result.stderr
     assert f"preprocessing: {n} of {n} photos taken from ingestion's decode, 0 decoded here." in result.stdout
     assert result.stdout.count("> preprocessing.memory_budget_mb 0.05: memory-mapped at") == 2
+
+
+def test_another_source_still_fails_naming_both_with_ingestions_pixels_at_hand(tmp_path):
+    """Issue 11 item 1 with decode-once: ingestion on A, preprocessing told raw_source=B while A's decoded pixels
+    are available: B's bytes do not match A's hashes, so nothing is taken under A's labels and the run fails."""
+    for i in range(4):
+        save_jpeg(make_photo(0, seed=i), tmp_path / "A" / "Disc" / f"{i}.jpg")
+        save_jpeg(make_photo(1, seed=50 + i), tmp_path / "B" / "Disc" / f"{i}.jpg")
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    source_a = ImageSourceDataset(path=a).load()
+    raw, quarantine, decoded = scan_and_decode(source_a, {"workers": 1}, PREPROCESSING)
+    clean, _ = clean_manifest(raw, quarantine, {})
+    source_b = ImageSourceDataset(path=b).load()
+    with pytest.raises(PreprocessingError, match=rf"^clean_manifest was made from {a}, but raw_source is now {b}: more "
+                                        r"than 50% of its 4 files are missing or have other bytes than ingestion "
+                                        r"hashed \(e\.g\. Disc/0\.jpg: bytes changed since ingestion"):
+        preprocess_images(source_b, clean, PREPROCESSING, decoded, {"workers": 1})
+    images, index = preprocess_images(source_a, clean, PREPROCESSING, decoded, {"workers": 1})
+    assert list(index["path"]) == [f"Disc/{i}.jpg" for i in range(4)] and images.shape == (4, 1, 32, 32)
