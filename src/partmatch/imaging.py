@@ -252,21 +252,24 @@ def read_file(path: str) -> bytes:
 
 
 def decode_chunk(items: list[tuple[int, str | bytes]], *, limits: dict, spec: PreprocessSpec | None,
-                 root: str) -> list[tuple[int, Decoded]]:
-    """:func:`decode_image` of every ``(row, path or bytes)``; ``limits`` are its keyword limits. A file that
-    cannot be read gets the reason ("file not found under ``root``", "cannot read file: ...")."""
-    out = []
+                 root: str) -> list[tuple[int, Decoded, np.ndarray | None]]:
+    """:func:`decode_image` of every ``(row, path or bytes)`` as ``(row, result without its array, array)``;
+    ``limits`` are its keyword limits. A file that cannot be read gets the reason ("file not found under
+    ``root``", "cannot read file: ...")."""
+    out: list[tuple[int, Decoded, np.ndarray | None]] = []
     for row, source in items:
         if isinstance(source, str):
             try:
                 source = read_file(source)
             except FileNotFoundError:
-                out.append((row, Decoded(ImageInfo("", 0, error=f"file not found under {root}"))))
+                out.append((row, Decoded(ImageInfo("", 0, error=f"file not found under {root}")), None))
                 continue
             except OSError as exc:
-                out.append((row, Decoded(ImageInfo("", 0, error=f"cannot read file: {type(exc).__name__}: {exc}"))))
+                error = f"cannot read file: {type(exc).__name__}: {exc}"
+                out.append((row, Decoded(ImageInfo("", 0, error=error)), None))
                 continue
-        out.append((row, decode_image(source, spec=spec, **limits)))
+        result = decode_image(source, spec=spec, **limits)
+        out.append((row, Decoded(result.info, None, result.pixel_sha256, result.preprocess_error), result.array))
     return out
 
 

@@ -91,8 +91,8 @@ def test_two_workers_give_byte_identical_outputs_to_one(hostile_demo, pools):
     one = data_pipelines(hostile_demo, 1)
     assert pools == []                                   # workers=1: in this process, no pool
     two = data_pipelines(hostile_demo, 2)
-    # ingestion's decode on 2 processes, then preprocessing's hash check of the 165 clean files (chunks of 4)
-    assert pools == [2, 2]
+    # ingestion's decode on 2 processes; preprocessing only checks hashes (in this process) and selects rows
+    assert pools == [2]
     for name, a in one.items():
         b = two[name]
         if isinstance(a, np.ndarray):
@@ -142,13 +142,14 @@ def test_decode_once_equals_the_old_two_decodes_and_decodes_each_photo_once(host
         assert r.decoded_as == "grayscale 32px background 255"
 
 
-def test_other_preprocessing_parameters_decode_again_with_them(hostile_demo):
+def test_other_preprocessing_parameters_decode_again_with_them(hostile_demo, pools):
     source = ImageSourceDataset(path=str(hostile_demo)).load()
     ingestion = {**INGESTION, "workers": 1}
     raw, quarantine, decoded = scan_and_decode(source, ingestion, PREPROCESSING)        # 32 px grayscale
     clean, _ = clean_manifest(raw, quarantine, ingestion)
     rgb = {"image_size": 24, "color_mode": "rgb"}
-    images, index = preprocess_images(source, clean, rgb, decoded, ingestion)
+    images, index = preprocess_images(source, clean, rgb, decoded, {**ingestion, "workers": 2})
+    assert pools == [2]                                  # every clean photo decoded again, on 2 processes
     reference, reference_index = preprocess_images(source, clean.drop(columns=["decoded_row"]), rgb, None, ingestion)
     pd.testing.assert_frame_equal(index, reference_index)
     assert images.shape == (len(clean), 3, 24, 24) and images.tobytes() == reference.tobytes()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from pathlib import PurePosixPath
@@ -126,10 +125,9 @@ def _scan(raw_images: ImageSource, p: config.IngestionParams, spec: PreprocessSp
     fn = functools.partial(decode_chunk, limits=limits, spec=spec, root=printable(raw_images.root))
     for results in run_chunked(fn, chunked(work()), workers=workers, total=len(keys),
                                desc=f"ingestion: verifying images ({workers} process{'es' if workers > 1 else ''})"):
-        for i, result in results:
-            if result.array is not None:
-                images[i] = result.array
-                result = dataclasses.replace(result, array=None)
+        for i, result, array in results:
+            if array is not None:
+                images[i] = array
             decoded[i] = result
     # 3. the manifest and the quarantine list, in record order
     good = []

@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 MAX_CHANGED_FRACTION = 0.5
 # Where ingestion may record the source it scanned: a column of the manifest, else ``DataFrame.attrs``.
 SOURCE_KEYS = ("source_root", "raw_source")
-# Hash checks that cost about as much as one decode (sizes the pool: a few thousand checks alone need none).
-VERIFY_PER_DECODE = 16
 
 
 class PreprocessingError(RuntimeError):
@@ -111,9 +109,10 @@ def preprocess_images(raw_images: ImageSource, clean_manifest: pd.DataFrame, par
 
     def run(decode_all: bool, todo: int, desc: str) -> None:
         nonlocal n_decoded
-        # checking a file's hash costs ~1/16 of decoding it: a pool only when there is enough of either to do
+        # a pool only for photos to decode: checking hashes alone is faster here than starting one (measured on
+        # the car parts: 6,382 files checked in 0.26 s in this process, 0.40 s with a pool of 2)
         n_decode = todo if decode_all else int((~reusable).sum())
-        pool = effective_workers(workers, n_decode + -(-(todo - n_decode) // VERIFY_PER_DECODE))
+        pool = effective_workers(workers, n_decode) if n_decode else 1
         for results in run_chunked(fn, chunked(work(decode_all)), workers=pool, total=todo, desc=desc):
             for i, why, arr, digest, failure in results:
                 row = rows[i]
