@@ -9,7 +9,9 @@ too where the tests do not run as root.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,3 +352,290 @@ def test_resume_with_another_embedding_dim_names_the_checkpoint_the_change_and_t
         "[16]. Either restore the settings it was trained with, or start afresh: set resume: false for this model "
         f"(e.g. --params=<model>.resume=false; the checkpoint is then overwritten) or delete {ckpt}.")
     assert train(8, resume=True).resumed_from_epoch == 1     # the same architecture still resumes
+
+
+# ------------------------------------------------------------------ a killed kedro run left RUNNING in MLflow
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runs_whose_process_is_gone_are_marked_killed_and_their_versions_reported(tmp_path, monkeypatch, caplog):
+    """Faked runs: a dead pid of this host, a live one, a reused pid (same number, other start time), a dead
+    pid of another host, and a run without the tags. Only the dead ones of this host end as KILLED."""
+    import mlflow
+
+    from partmatch.tracking import (
+        HOST_TAG,
+        LEFT_VERSIONS_TAG,
+        PID_TAG,
+        PROCESS_START_TAG,
+        SAVE_VERSION_TAG,
+        mark_dead_runs,
+        process_tags,
+    )
+
+    monkeypatch.chdir(tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("partmatch", artifact_location=(tmp_path / "mlruns").as_uri())
+    me = process_tags()
+    dead = _dead_pid()
+    tags = {
+        "dead": {PID_TAG: str(dead), HOST_TAG: me[HOST_TAG], PROCESS_START_TAG: "", SAVE_VERSION_TAG: V2},
+        "alive": {**me, SAVE_VERSION_TAG: V1},
+        "reused pid": {**me, PROCESS_START_TAG: "1"},
+        "other host": {PID_TAG: str(dead), HOST_TAG: "another-machine", SAVE_VERSION_TAG: V1},
+        "no tags": {},
+    }
+    runs = {name: client.create_run(exp, run_name=name, tags=t).info.run_id for name, t in tags.items()}
+    data = tmp_path / "data"
+    for rel in (f"02_intermediate/raw_manifest.parquet/{V2}/raw_manifest.parquet",
+                f"02_intermediate/raw_manifest.parquet/{V1}/raw_manifest.parquet",
+                f"08_reporting/ingestion/cleaning_counts.json/{V2}/cleaning_counts.json",
+                f"04_feature/image_array.npy/{V2}/{temp_name('image_array.npy')}"):  # the save it was killed in
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(b"x")
+
+    with caplog.at_level("WARNING", logger="partmatch"):
+        killed = mark_dead_runs(client, exp, data, logger=logging.getLogger("partmatch.hooks"))
+    left = [f"data/02_intermediate/raw_manifest.parquet/{V2}", f"data/08_reporting/ingestion/cleaning_counts.json/{V2}"]
+    assert killed == {runs["dead"]: left, runs["reused pid"]: []}
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "reused pid": "KILLED", "other host": "RUNNING",
+                      "no tags": "RUNNING"}
+    assert client.get_run(runs["dead"]).data.tags[LEFT_VERSIONS_TAG] == ", ".join(left)
+    assert client.get_run(runs["dead"]).info.end_time is not None
+    assert not (data / "04_feature" / "image_array.npy" / V2).exists()     # the cut-short save is cleaned up
+    assert (data / "02_intermediate" / "raw_manifest.parquet" / V1).exists()
+    messages = sorted(r.getMessage() for r in caplog.records if r.name == "partmatch.hooks")
+    assert messages == sorted([
+        (f"MLflow run {runs['dead']} ('dead', pid {dead}) was still RUNNING but its process is gone (killed): marked "
+         "KILLED. It left these dataset versions, complete but from a run that never finished (a later run loads "
+         f"them as the latest; resume=true continues from them): {', '.join(left)}"),
+        (f"MLflow run {runs['reused pid']} ('reused pid', pid {me[PID_TAG]}) was still RUNNING but its process is "
+         "gone (killed): marked KILLED.")])
+
+
+KILLABLE_KEDRO = '''
+import sys, time
+from pathlib import Path
+
+import partmatch.datasets as datasets
+
+target, marker = sys.argv[1], sys.argv[2]
+close = datasets._AtomicFile.close
+def stalling_close(self):  # every byte of the file is written, not yet renamed: the process dies here
+    if self._target.endswith(target) and not self._done:
+        Path(marker).write_text(self._temp)
+        time.sleep(600)
+    return close(self)
+datasets._AtomicFile.close = stalling_close
+
+from kedro.framework.cli import main
+sys.argv = ["kedro", *sys.argv[3:]]
+main()
+'''
+
+
+def _kedro_process(project: Path, *args: str, script: str | None = None) -> subprocess.Popen:
+    """``kedro <args>`` in ``project`` as its own process (its own src first on the path)."""
+    env = {**os.environ, "PYTHONPATH": str(project / "src"), "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "200",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, script, *args] if script else [sys.executable, "-m", "kedro", *args]
+    return subprocess.Popen(command, cwd=project, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def _version_folders(data: Path, version: str) -> list[str]:
+    return sorted(str(p.relative_to(data.parent)) for p in data.rglob(version) if p.is_dir())
+
+
+@pytest.fixture
+def tiny_catalogue(tmp_path_factory) -> Path:
+    from partmatch.demo import generate_demo_catalogue
+
+    catalogue = tmp_path_factory.mktemp("faults") / "tiny catalogue"
+    generate_demo_catalogue(catalogue, seed=3, size=64, scale=0.35)
+    return catalogue
+
+
+@pytest.mark.slow
+def test_a_killed_kedro_run_is_ended_as_killed_by_the_next_run(kedro_project, tiny_catalogue, tmp_path, caplog):
+    """A real ``kedro run`` is killed (SIGKILL) while it writes image_array, after ingestion's outputs were saved.
+    Before: its MLflow run stayed RUNNING forever. Now the next run marks it KILLED, tags it with the complete
+    versions it left (reported, still loadable: a resume continues from them) and deletes the cut-short save."""
+    import mlflow
+
+    from partmatch.tracking import LEFT_VERSIONS_TAG, PID_TAG, SAVE_VERSION_TAG
+
+    project = kedro_project.path
+    script = tmp_path / "killable_kedro.py"
+    script.write_text(KILLABLE_KEDRO)
+    marker = tmp_path / "saving"
+    proc = _kedro_process(project, "image_array.npy", str(marker), "run", "--pipelines=ingestion,preprocessing",
+                          f"--params=raw_source={tiny_catalogue}", script=str(script))
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the image_array save"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("partmatch").experiment_id
+    (killed,) = client.search_runs([exp])
+    assert killed.info.status == "RUNNING" and killed.data.tags[PID_TAG] == str(proc.pid)   # the fault
+    version = killed.data.tags[SAVE_VERSION_TAG]
+    temp = Path(marker.read_text())
+    assert temp.exists() and temp.parent == project / "data" / "04_feature" / "image_array.npy" / version
+    left = [f for f in _version_folders(project / "data", version) if "image_array" not in f]
+    assert {f"data/02_intermediate/raw_manifest.parquet/{version}",
+            f"data/03_primary/clean_manifest.parquet/{version}"} <= set(left)
+
+    with caplog.at_level("WARNING", logger="partmatch.hooks"):
+        kedro_project("ingestion", raw_source=str(tiny_catalogue))
+    runs = {r.info.run_id: r for r in client.search_runs([exp])}
+    assert runs[killed.info.run_id].info.status == "KILLED"
+    assert runs[killed.info.run_id].data.tags[LEFT_VERSIONS_TAG] == ", ".join(left)
+    assert sorted(r.info.status for r in runs.values()) == ["FINISHED", "KILLED"]
+    assert _version_folders(project / "data", version) == left      # the cut-short image_array is gone
+    assert not [p for p in (project / "data").rglob(".*.tmp-*")]
+    (warning,) = [r.getMessage() for r in caplog.records if "its process is gone" in r.getMessage()]
+    assert warning == (f"MLflow run {killed.info.run_id} ('{killed.info.run_name}', pid {proc.pid}) was still "
+                       "RUNNING but its process is gone (killed): marked KILLED. It left these dataset versions, "
+                       "complete but from a run that never finished (a later run loads them as the latest; "
+                       f"resume=true continues from them): {', '.join(left)}")
+
+
+@pytest.mark.slow
+def test_two_kedro_runs_at_once_keep_their_runs_and_versions_apart(kedro_project, tiny_catalogue):
+    """Two ``kedro run`` processes on one project and one SQLite store, with different seeds (so their outputs
+    differ): both finish, both are recorded with their model's child run, every artifact of each run is
+    byte-for-byte its own version's file, and every version folder holds exactly its one complete file."""
+    import json
+
+    import mlflow
+
+    from partmatch.tracking import SAVE_VERSION_TAG
+
+    project = kedro_project.path
+    kedro_project("ingestion", raw_source=str(tiny_catalogue))   # the store exists; the two runs start together
+    tiny = ("cnn.epochs=2,cnn.max_batches_per_epoch=2,cnn.progress=false,cnn.threshold_pairs=200,"
+            "cnn.eval_pairs=200,cnn.batch_size=16,cnn.patience=null,preprocessing.image_size=32")
+    procs = [_kedro_process(project, "run", "--pipelines=ingestion,preprocessing,cnn",
+                            f"--params=raw_source={tiny_catalogue},split.seed={seed},cnn.seed={seed},{tiny}")
+             for seed in (1, 2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("partmatch").experiment_id
+    runs = client.search_runs([exp])
+    parents = [r for r in runs if set(r.info.run_name.split("+")) == {"ingestion", "preprocessing", "cnn"}]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"], [
+        (r.info.run_name, r.info.status) for r in runs]
+    versions = [r.data.tags[SAVE_VERSION_TAG] for r in parents]
+    assert len(set(versions)) == 2
+    data = project / "data"
+    written = [_version_folders(data, v) for v in versions]
+    assert [f.rsplit("/", 1)[0] for f in written[0]] == [f.rsplit("/", 1)[0] for f in written[1]]
+    for version in versions:
+        for folder in _version_folders(data, version):     # one complete file per version, no temporary file
+            assert sorted(p.name for p in (project / folder).iterdir()) == [Path(folder).parent.name], folder
+
+    for parent, version, other in zip(parents, versions, reversed(versions), strict=True):
+        (child,) = [r for r in client.search_runs([exp]) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert child.info.status == "FINISHED" and child.data.tags["model"] == "cnn"
+        local = Path(client.download_artifacts(parent.info.run_id, "", str(project / f"dl-{version}")))
+        logged = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        assert {"cleaning_counts.json", "split_summary.json"} <= {Path(p).name for p in logged}, logged
+        for path in logged:
+            name = Path(path).name
+            (own,) = [p for p in data.rglob(f"{name}/{version}/{name}")]
+            assert (local / path).read_bytes() == own.read_bytes(), f"{path} of run {version} is not its own version"
+        theirs = next(data.rglob(f"split_summary.json/{other}/split_summary.json")).read_bytes()
+        assert next(local.rglob("split_summary.json")).read_bytes() != theirs   # the seeds did make them differ
+        child_dir = Path(client.download_artifacts(child.info.run_id, "metrics.json", str(project / f"m-{version}")))
+        own_metrics = json.loads(next(data.rglob(f"cnn/metrics.json/{version}/metrics.json")).read_text())
+        assert json.loads(child_dir.read_text()) == own_metrics
+
+
+def test_a_run_loads_the_version_it_saved_not_a_newer_one_of_another_run(tmp_path):
+    """Found by running two ``kedro run`` at once: Kedro loads the newest version on disk, so one run's node read
+    the other run's ``cnn.embeddings`` (saved a moment later). A dataset a run saved is now loaded in its own
+    version; one it did not save still loads the newest (the control)."""
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Node, Pipeline
+    from kedro_datasets.pandas import CSVDataset
+
+    from partmatch.hooks import AtomicSavesHook
+
+    def config(name):
+        return {"type": "pandas.CSVDataset", "filepath": str(tmp_path / f"{name}.csv"), "versioned": True}
+
+    mine, newer = pd.DataFrame({"run": ["this one"]}), pd.DataFrame({"run": ["the other one"]})
+
+    def run(with_hook: bool):
+        catalog = DataCatalog.from_config({"ours": config("ours"), "theirs": config("theirs")}, save_version=V1)
+        hook = AtomicSavesHook()
+        if with_hook:
+            hook.before_pipeline_run({}, Pipeline([Node(lambda x: x, "theirs", "ours", name="n")]), catalog)
+        # the other run started a moment later (newer save version) but saved first
+        for name in ("ours", "theirs"):
+            CSVDataset(filepath=str(tmp_path / f"{name}.csv"), version=Version(None, V2)).save(newer)
+        catalog.save("ours", mine)
+        hook.after_dataset_saved("ours", mine, None)
+        return catalog
+
+    with pytest.warns(UserWarning, match="Save version '.*' did not match load version"):
+        control = run(with_hook=False)
+    assert control.load("ours").equals(newer)            # the fault: this run reads the other run's version
+    for folder in tmp_path.iterdir():
+        shutil.rmtree(folder)
+    catalog = run(with_hook=True)
+    assert catalog.load("ours").equals(mine)
+    assert catalog.load("theirs").equals(newer)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_disk_or_read_only_output_folder_stops_the_run_naming_dataset_and_path(kedro_project, photo_folder,
+                                                                                        monkeypatch, code):
+    """``kedro run --pipeline=ingestion`` whose ``data/03_primary`` is read-only (EROFS when the file is opened)
+    or whose disk fills up while clean_manifest is written (ENOSPC after half its bytes). Root ignores ``chmod``,
+    hence the errno raised where the kernel would raise it. The run fails with the dataset and its path named,
+    and no clean_manifest version (complete or partial) nor any temporary file is left."""
+    data = kedro_project.path / "data"
+    write, open_ = LocalFileOpener.write, LocalFileOpener._open
+
+    def full_disk(self, chunk, *args, **kwargs):
+        if "clean_manifest.parquet" in self.path:
+            self.f.write(chunk[: len(chunk) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, chunk, *args, **kwargs)
+
+    def read_only(self):
+        if str(data / "03_primary") in self.path and "w" in self.mode:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.path)
+        return open_(self)
+
+    if code == errno.ENOSPC:
+        monkeypatch.setattr(LocalFileOpener, "write", full_disk)
+    else:
+        monkeypatch.setattr(LocalFileOpener, "_open", read_only)
+    with pytest.raises(DatasetError) as err:
+        kedro_project("ingestion", raw_source=str(photo_folder))
+    monkeypatch.undo()
+    message = str(err.value)
+    prefix = f"Cannot save dataset 'clean_manifest' to {data / '03_primary' / 'clean_manifest.parquet'}/"
+    assert prefix in message and f": {os.strerror(code)} ({errno.errorcode[code]}). Nothing of this version was " \
+        "kept (the partly written file was removed), so the latest complete version is unchanged." in message
+    assert not (data / "03_primary").exists() or not list((data / "03_primary").rglob("*"))
+    assert not list(data.rglob(".*.tmp-*"))
+    assert len(list((data / "02_intermediate" / "raw_manifest.parquet").iterdir())) == 1   # saved before, complete

@@ -159,6 +159,7 @@ class ModelRunsHook:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         import mlflow
+        from mlflow.entities import RunTag
 
         from partmatch.tracking import (
             SAVE_VERSION_TAG,
@@ -177,7 +178,8 @@ class ModelRunsHook:
         # who runs it (pid, host, process start) and the folder name of its dataset versions: a later run can then
         # end this one as KILLED if its process dies without closing it (SIGKILL, power loss)
         process = process_tags()
-        client.set_tags(active.info.run_id, {**process, SAVE_VERSION_TAG: str(run_params.get("run_id") or "")})
+        client.log_batch(active.info.run_id, tags=[
+            RunTag(k, v) for k, v in {**process, SAVE_VERSION_TAG: str(run_params.get("run_id") or "")}.items()])
         project = Path(run_params.get("project_path") or Path.cwd())
         mark_dead_runs(client, active.info.experiment_id, project / "data", active.info.run_id, logger)
         tags = {"raw_source": self._raw_source(run_params, catalog), **process}
@@ -255,12 +257,20 @@ class AtomicSavesHook:
     kedro-datasets' CSV, Parquet, JSON, text and matplotlib datasets write in place; the project's own binary
     datasets (arrays, models, indexes) are atomic by themselves. The datasets are taken from the run's catalog
     before the runner starts, so the runner saves through these same instances.
+
+    And a dataset this run saved is loaded by this run in the version it saved: Kedro loads the newest version on
+    disk, which, with two ``kedro run`` at once on one project, can be the other run's (found by running two at
+    once: one run's threshold calibration loaded the other run's embeddings).
     """
+
+    def __init__(self) -> None:
+        self.datasets: dict[str, Any] = {}
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         from partmatch.datasets import make_saves_atomic
 
+        self.datasets = {}
         for name in sorted(pipeline.datasets()):
             if name.startswith("params:") or name == "parameters":
                 continue
@@ -271,6 +281,20 @@ class AtomicSavesHook:
                 dataset = None
             if dataset is not None:
                 make_saves_atomic(dataset, name)
+                self.datasets[name] = dataset
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        from kedro.io.core import AbstractVersionedDataset, Version
+
+        dataset = self.datasets.get(dataset_name)
+        version = getattr(dataset, "_version", None)
+        if not isinstance(dataset, AbstractVersionedDataset) or not isinstance(version, Version):
+            return
+        saved = dataset.resolve_save_version()
+        if saved and version.load is None:  # --load-versions given by the user stays as it is
+            dataset._version = Version(saved, version.save)
+            dataset._clear_version_cache()
 
 
 class ServedModelHook:
