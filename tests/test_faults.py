@@ -307,6 +307,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, unint
     assert epoch1["epoch"] == 1
 
     _finish(_train(tmp_path, "killed", resume=True))
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "last.pt"]   # the dead save's temp is gone
     resumed = torch.load(tmp_path / "killed.out.pt", weights_only=True)
     resumed_last = torch.load(ckpt_dir / "last.pt", weights_only=True)
     full, full_last = uninterrupted
@@ -639,3 +640,63 @@ def test_a_full_disk_or_read_only_output_folder_stops_the_run_naming_dataset_and
     assert not (data / "03_primary").exists() or not list((data / "03_primary").rglob("*"))
     assert not list(data.rglob(".*.tmp-*"))
     assert len(list((data / "02_intermediate" / "raw_manifest.parquet").iterdir())) == 1   # saved before, complete
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """``last.pt`` of epoch 2 cannot be written (ENOSPC half-way): the error names the file, epoch 1's ``last.pt``
+    is intact and no temporary file is left, so ``resume`` continues from epoch 1."""
+    from partmatch.ml import engine
+    from partmatch.ml.data import InMemoryImages
+    from partmatch.ml.engine import TrainConfig, fit
+    from partmatch.ml.models import build_model
+    from partmatch.ml.objectives import build_objective
+
+    save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2 and "last.pt" in str(path):
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(engine.torch, "save", full_disk)
+    rng = np.random.default_rng(0)
+    data = InMemoryImages(rng.integers(0, 255, size=(32, 1, 16, 16), dtype=np.uint8), np.repeat(np.arange(4), 8))
+    model = build_model("embedding", num_classes=4, embedding_dim=8, in_channels=1, image_size=16, channels=(4, 8))
+    config = TrainConfig(epochs=2, batch_size=16, patience=None, device="cpu", progress=False,
+                         checkpoint_dir=str(tmp_path), resume=False)
+    with pytest.raises(OSError) as err:
+        fit(model, build_objective("triplet", {"sampling": "random"}, 4, 8), data, None, config)
+    assert str(err.value) == (
+        f"[Errno {errno.ENOSPC}] Cannot write checkpoint {tmp_path / 'last.pt'}: No space left on device (the "
+        f"previous checkpoint is unchanged; free disk space or make {tmp_path} writable, or set checkpoint_dir to "
+        "null)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_kedro_run_resuming_with_another_embedding_dim_prints_the_fix(kedro_project, tiny_catalogue):
+    """``kedro run --params=siamese_contrastive.embedding_dim=32,siamese_contrastive.resume=true`` after a run at
+    16: before, a raw "size mismatch" traceback; now one message (exit status 2) naming the checkpoint, the
+    changed setting and the fix."""
+    from tests.test_config import kedro_cli
+
+    tiny = {"epochs": 1, "max_batches_per_epoch": 2, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
+            "batch_size": 16, "patience": None, "embedding_dim": 16}
+    common = {"raw_source": str(tiny_catalogue), "preprocessing": {"image_size": 32}}
+    kedro_project(["ingestion", "preprocessing"], **common)
+    kedro_project("siamese_contrastive", **common, siamese_contrastive=tiny)
+    params = ",".join([f"raw_source={tiny_catalogue}", "preprocessing.image_size=32",
+                       *(f"siamese_contrastive.{k}={'null' if v is None else v}" for k, v in tiny.items()
+                         if k != "embedding_dim"),
+                       "siamese_contrastive.embedding_dim=32", "siamese_contrastive.resume=true"])
+    proc = kedro_cli(kedro_project.path, "run", "--pipeline=siamese_contrastive", f"--params={params}", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    ckpt = "data/06_models/siamese_contrastive/checkpoints"
+    assert last.startswith(f"Error: Cannot resume from {ckpt}/last.pt: it was written for another model than the "
+                           "one configured now (changed: embedding_dim: 16 -> 32). Weights that differ: head.")
+    assert last.endswith("set resume: false for this model (e.g. --params=<model>.resume=false; the checkpoint is "
+                         f"then overwritten) or delete {ckpt}.")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from partmatch.config import ParameterError
 from partmatch.ml.data import InMemoryImages, make_augmentation
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
                                  f"checkpoint_dir to null)") from exc
 
 
+def _remove_dead_temp_files(folder: Path) -> None:
+    """Delete the ``.last.pt.tmp-<pid>`` / ``.best.pt.tmp-<pid>`` of a process killed while it saved (pid gone)."""
+    from partmatch.tracking import process_alive
+
+    for tmp in folder.glob(".*.pt.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def _spec_or_none(model: nn.Module) -> dict | None:
     from partmatch.ml.models import model_spec  # noqa: PLC0415
 
@@ -254,6 +265,7 @@ def fit(
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temp_files(ckpt_dir)
 
     if config.resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
         ckpt = torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -438,8 +450,9 @@ def _warn_config_changes(saved: dict[str, Any], config: TrainConfig) -> None:
                        "uninterrupted run", changed)
 
 
-class CheckpointMismatchError(ValueError):
-    """``resume`` found a checkpoint of another architecture (or objective) than the model being trained."""
+class CheckpointMismatchError(ParameterError):
+    """``resume`` found a checkpoint of another architecture (or objective) than the model being trained (a
+    :class:`~partmatch.config.ParameterError`: ``kedro run`` prints the message alone)."""
 
 
 def _shape_changes(saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> list[str]:
