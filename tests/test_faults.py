@@ -281,6 +281,7 @@ def uninterrupted(tmp_path_factory):
     return torch.load(tmp / "full.out.pt", weights_only=True), torch.load(tmp / "full" / "last.pt", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["mid-epoch", "mid-save"])
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted, kill_at):
     """A real training process is killed with SIGKILL after epoch 1's checkpoint: in the middle of epoch 2 (one
@@ -700,3 +701,44 @@ def test_kedro_run_resuming_with_another_embedding_dim_prints_the_fix(kedro_proj
                            "one configured now (changed: embedding_dim: 16 -> 32). Weights that differ: head.")
     assert last.endswith("set resume: false for this model (e.g. --params=<model>.resume=false; the checkpoint is "
                          f"then overwritten) or delete {ckpt}.")
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    """A ``last.pt`` trained on another training set (another source or split seed, or written by another run in
+    the shared checkpoint folder) is not continued silently: the message names the file, both sets and the fix."""
+    import hashlib
+
+    from partmatch.ml.data import InMemoryImages
+    from partmatch.ml.engine import CheckpointMismatchError, TrainConfig, fit
+    from partmatch.ml.models import build_model
+    from partmatch.ml.objectives import build_objective
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, size=(32, 1, 16, 16), dtype=np.uint8)
+    labels = np.repeat(np.arange(4), 8)
+
+    def train(images, resume):
+        model = build_model("embedding", num_classes=4, embedding_dim=8, in_channels=1, image_size=16,
+                            channels=(4, 8))
+        config = TrainConfig(epochs=2 if resume else 1, batch_size=16, patience=None, device="cpu", progress=False,
+                             checkpoint_dir=str(tmp_path), resume=resume)
+        return fit(model, build_objective("triplet", {"sampling": "random"}, 4, 8), InMemoryImages(images, labels),
+                   None, config)
+
+    def digest(images):
+        h = hashlib.sha256()
+        for a in (torch.from_numpy(images), torch.from_numpy(labels)):
+            h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+            h.update(a.contiguous().view(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:12]
+
+    train(pixels, resume=False)
+    other = pixels[::-1].copy()
+    with pytest.raises(CheckpointMismatchError) as err:
+        train(other, resume=True)
+    assert str(err.value) == (
+        f"Cannot resume from {tmp_path / 'last.pt'}: it was trained on other data (32 training images, digest "
+        f"{digest(pixels)}) than this run's (32 images, digest {digest(other)}): another source, split or "
+        "preprocessing, or another run wrote it. Start afresh: set resume: false for this model (e.g. "
+        f"--params=<model>.resume=false) or delete {tmp_path}; or resume on the data it was trained on.")
+    assert train(pixels, resume=True).resumed_from_epoch == 1
