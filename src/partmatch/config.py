@@ -165,6 +165,9 @@ class TrainingParams(_Params):
     threshold_pairs: int = Field(4000, ge=10)
     eval_pairs: int = Field(2000, ge=10)
     eval_batch_size: int = Field(256, ge=1)
+    # frozen pretrained features: fp32, bf16, or auto = bf16 only on native-bf16 hardware for the backbones /
+    # sizes where bf16 was checked against fp32 (partmatch.ml.backbones.resolve_precision)
+    backbone_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from partmatch.imaging import inspect_image, preprocess_bytes
+from partmatch.ml.engine import cpu_heap_reuse
 from partmatch.ml.models import combine_views, model_from_spec
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,15 @@ def _run_batches(
     mean: Sequence[float],
     std: Sequence[float],
     rows: np.ndarray | Sequence[int] | None,
+    precision: str = "fp32",
+    mirror: bool = False,
+    channels_last: bool = True,
 ) -> np.ndarray:
-    """``forward`` over normalised float batches of ``images_uint8[rows]`` in eval / inference mode."""
+    """``forward`` over normalised float batches of ``images_uint8[rows]`` in eval / inference mode.
+
+    ``precision="bf16"`` runs ``forward`` under bfloat16 autocast (outputs back in float32); ``mirror`` flips
+    every image horizontally first; ``channels_last`` (CPU / CUDA) puts the model's 4-D weights and the batches
+    in NHWC, oneDNN's fast layout (the same values as NCHW up to float rounding, ~1e-6)."""
     images = images_uint8.numpy() if isinstance(images_uint8, torch.Tensor) else np.asarray(images_uint8)
     if images.dtype != np.uint8:
         raise TypeError(f"images_uint8 must have dtype uint8, got {images.dtype}")
@@ -79,24 +87,35 @@ def _run_batches(
         raise ValueError("images_uint8 is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16' (resolve 'auto' with backbones.resolve_precision), "
+                         f"got {precision!r}")
     index = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
     device = torch.device(device)
+    nhwc = channels_last and device.type in ("cpu", "cuda")
     channels = images.shape[1]
     m = _channel_stats(mean, channels, "mean").to(device)
     s = _channel_stats(std, channels, "std").to(device)
 
     was_training = model.training
     model.to(device)
+    if nhwc:
+        model.to(memory_format=torch.channels_last)
     model.eval()
     out = []
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cpu_heap_reuse(device.type == "cpu"):
             # an empty selection still runs one image, so the result has the right width: (0, D)
             chunks = [index[i : i + batch_size] for i in range(0, len(index), batch_size)] or [np.arange(1)]
             for idx in chunks:
                 batch = torch.from_numpy(np.ascontiguousarray(images[idx]))
                 x = batch.to(device).float().div_(255.0).sub_(m).div_(s)
-                y = forward(x)
+                if mirror:
+                    x = torch.flip(x, dims=[-1])
+                if nhwc:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    y = forward(x)
                 out.append(y.reshape(y.shape[0], -1).float().cpu())
     finally:
         model.train(was_training)
@@ -112,6 +131,8 @@ def embed_images(
     mean: Sequence[float] = (0.5,),
     std: Sequence[float] = (0.5,),
     rows: np.ndarray | Sequence[int] | None = None,
+    precision: str = "fp32",
+    mirror: bool = False,
 ) -> np.ndarray:
     """Embeddings (N, D) float32 of uint8 images (N, C, H, W) ((N, H, W) is read as grayscale).
 
@@ -122,9 +143,15 @@ def embed_images(
 
     ``rows`` selects (and orders) the images to embed without copying the whole array; the result then has
     ``len(rows)`` rows ((0, D) for an empty selection).
+
+    ``precision="bf16"`` runs the model under bfloat16 autocast (fast on CPUs with AMX / AVX512-BF16; see
+    ``backbones.resolve_precision`` for when it is safe); ``mirror=True`` embeds the horizontally mirrored images.
+    Batches and 4-D weights are channels_last on CPU / CUDA (the model's weights are converted in place; the
+    values are unchanged).
     """
     forward = model.embed if hasattr(model, "embed") else model
-    return _run_batches(model, images_uint8, forward, batch_size, device, mean, std, rows)
+    return _run_batches(model, images_uint8, forward, batch_size, device, mean, std, rows, precision=precision,
+                        mirror=mirror)
 
 
 def predict_log_probs(
@@ -193,6 +220,20 @@ def _head_forward(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
         model.backbone = backbone
 
 
+class _Precision(nn.Module):
+    """``inner`` under bfloat16 autocast (``precision="bf16"``), its output back in float32; else ``inner``."""
+
+    def __init__(self, inner: nn.Module, precision: str):
+        super().__init__()
+        self.inner = inner
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            y = self.inner(x)
+        return y.float()
+
+
 # ============================================================================================== Embedder
 
 
@@ -204,18 +245,34 @@ class Embedder:
     model being trained.
     """
 
-    def __init__(self, bundle: dict[str, Any], device: str = "cpu", batch_size: int = 256):
+    def __init__(self, bundle: dict[str, Any], device: str = "cpu", batch_size: int = 256,
+                 precision: str | None = None):
+        """``precision``: what the backbone runs in when embedding images, ``fp32`` / ``bf16`` / ``auto``
+        (``backbones.resolve_precision``); default: the bundle's ``backbone_precision`` (what its catalogue
+        features were computed in), else fp32."""
         missing = [k for k in BUNDLE_KEYS if k not in bundle]
         if missing:
             raise ValueError(f"not a partmatch model bundle: keys {missing} are missing (have {sorted(bundle)}); "
                              "pass the model.pt written by a model pipeline (data/06_models/<model>/...)")
         model = model_from_spec(bundle["spec"], bundle["state_dict"])
         self._init(model, bundle, device, batch_size)
+        self.precision = self._resolve_precision(precision or bundle.get("backbone_precision") or "fp32")
+        self._static = True  # the weights never change: a folded inference copy may be cached
+
+    def _resolve_precision(self, precision: str) -> str:
+        from partmatch.ml.backbones import resolve_precision
+
+        spec = self.bundle.get("spec") or {}
+        geometry = "cosine" if (spec.get("normalize") or self.distance == "cosine") else "euclidean"
+        return resolve_precision(precision, self.device, spec.get("backbone"), self.image_size, geometry)
 
     def _init(self, model: nn.Module, bundle: dict[str, Any], device: str, batch_size: int) -> None:
         self.bundle = bundle
         self.device = str(device)
         self.batch_size = int(batch_size)
+        self.precision = "fp32"
+        self._static = False
+        self._fast: nn.Module | None = None
         self.model = model.to(self.device).eval()
         self.mean = tuple(float(v) for v in bundle["normalization"]["mean"])
         self.std = tuple(float(v) for v in bundle["normalization"]["std"])
@@ -240,14 +297,15 @@ class Embedder:
         self.task: str = getattr(model, "task", spec.get("task", "embedding"))
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str = "cpu", batch_size: int = 256) -> Embedder:
+    def from_file(cls, path: str | Path, device: str = "cpu", batch_size: int = 256,
+                  precision: str | None = None) -> Embedder:
         """Load a ``model.pt`` written by a model pipeline (``torch.load(weights_only=True)``: no pickled code)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist: train a model first "
                                     "(kedro run --pipeline=siamese_pretrained) or pass data/06_models/<model>/...")
         bundle = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(bundle, device=device, batch_size=batch_size)
+        return cls(bundle, device=device, batch_size=batch_size, precision=precision)
 
     @classmethod
     def for_model(cls, model: nn.Module, mean: Sequence[float], std: Sequence[float], device: str = "cpu",
@@ -325,8 +383,29 @@ class Embedder:
         arr = self._check_images(images)
         if len(arr) == 0 or (rows is not None and len(rows) == 0):
             return np.zeros((0, self.dim), dtype=np.float32)
-        return embed_images(self.model, arr, batch_size=self.batch_size, device=self.device, mean=self.mean,
-                            std=self.std, rows=rows)
+        return embed_images(self._inference_model(), arr, batch_size=self.batch_size, device=self.device,
+                            mean=self.mean, std=self.std, rows=rows)
+
+    def _inference_model(self) -> nn.Module:
+        """The model :meth:`embed` runs. A saved model (fixed weights): a copy whose backbone is the folded
+        inference copy (``backbones.inference_copy``: BatchNorm folded, channels_last), run in
+        ``self.precision``, the head in float32 -- the same embeddings up to rounding (bf16: see
+        ``backbones.BF16_VERIFIED``). A live model (:meth:`for_model`) runs as it is."""
+        if not self._static or not isinstance(getattr(self.model, "backbone", None), nn.Module):
+            return self.model
+        if self._fast is None:
+            import copy
+
+            from partmatch.ml.backbones import inference_copy
+
+            backbone, self.model.backbone = self.model.backbone, nn.Identity()
+            try:
+                fast = copy.deepcopy(self.model)
+            finally:
+                self.model.backbone = backbone
+            fast.backbone = _Precision(inference_copy(backbone), self.precision)
+            self._fast = fast.to(self.device).eval()
+        return self._fast
 
     def embed_bytes(self, blobs: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
         """Photos' bytes -> (embeddings of the decodable ones, in order; per-input error reason or None)."""

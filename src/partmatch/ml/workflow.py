@@ -132,31 +132,35 @@ def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
     mirrored image's features as view 1 (see :func:`feature_views`); empty when the mode is not frozen."""
     if not uses_cached_features(p):
         return np.zeros((0, 0), dtype=np.float32)
+    from partmatch.ml.backbones import inference_copy
+
     channels, size = int(images.shape[1]), int(images.shape[2])
     model = build_from_params(p, 2, channels, size)
     mean, std = normalisation(p, channels)
     device = str(resolve_device(p.device))
+    # BatchNorm folded, channels_last; bf16 where backbones.resolve_precision says it is native and checked
+    backbone = inference_copy(model.backbone)
+    precision = backbone_precision(p, size, device)
     started = time.perf_counter()
-    feats = embed_images(model.backbone.eval(), images, batch_size=p.eval_batch_size, device=device,
-                         mean=mean, std=std)
-    if feature_views(p) == 2:
-        mirrored = embed_images(_Mirrored(model.backbone).eval(), images, batch_size=p.eval_batch_size,
-                                device=device, mean=mean, std=std)
-        feats = np.stack([feats, mirrored], axis=1)
-    logger.info("Cached %s features %s for %d images in %.1f s.", p.backbone, feats.shape[1:], len(feats),
-                time.perf_counter() - started)
+    views = [embed_images(backbone, images, batch_size=p.eval_batch_size, device=device, mean=mean, std=std,
+                          precision=precision, mirror=mirror)
+             for mirror in (False, True)[: feature_views(p)]]
+    feats = views[0] if len(views) == 1 else np.stack(views, axis=1)
+    seconds = time.perf_counter() - started
+    logger.info("Cached %s features %s for %d images in %.1f s (%.0f images/s, %d view(s), %s).", p.backbone,
+                feats.shape[1:], len(feats), seconds, len(feats) * len(views) / max(seconds, 1e-9), len(views),
+                precision)
     return feats
 
 
-class _Mirrored(torch.nn.Module):
-    """A module applied to the horizontally mirrored input (to cache the mirror view's features)."""
+def backbone_precision(p: TrainingParams, image_size: int, device: str) -> str:
+    """``fp32`` or ``bf16``: what ``p.backbone_precision`` means for this backbone, image size and device
+    (``backbones.resolve_precision``; ``auto`` is bf16 only where it was checked on real photos for embeddings
+    compared like this model's: L2-normalised (``normalize``) or by cosine, else raw Euclidean)."""
+    from partmatch.ml.backbones import resolve_precision
 
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(torch.flip(x, dims=[-1]))
+    geometry = "cosine" if (p.normalize or p.distance == "cosine") else "euclidean"
+    return resolve_precision(p.backbone_precision, device, p.backbone, image_size, geometry)
 
 
 def train_config(p: TrainingParams, checkpoint_dir: str | None, mean: tuple, std: tuple) -> TrainConfig:
