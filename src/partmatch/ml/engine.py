@@ -327,9 +327,11 @@ def fit(
     bad_epochs = 0
     start_epoch = 1
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    data_digest = None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove_dead_temp_files(ckpt_dir)
+        data_digest = _data_digest(train)
 
     if config.resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
         ckpt = torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -338,6 +340,7 @@ def fit(
                              f"expected {CHECKPOINT_VERSION}")
         _warn_config_changes(ckpt.get("config", {}), config)
         _check_resumable(ckpt_dir / "last.pt", ckpt, model, objective, optimizer)
+        _check_same_data(ckpt_dir / "last.pt", ckpt.get("data"), data_digest, len(train))
         model.load_state_dict(ckpt["model"])
         if isinstance(objective, nn.Module) and ckpt.get("objective") is not None:
             objective.load_state_dict(ckpt["objective"])
@@ -448,6 +451,7 @@ def fit(
                     "version": CHECKPOINT_VERSION,
                     "epoch": epoch,
                     "spec": _spec_or_none(model),  # the architecture, so a resume can name what changed
+                    "data": {"digest": data_digest, "images": n_train},  # what it trains on: resume refuses other
                     "model": _cpu_state(model),
                     "optimizer": optimizer.state_dict(),
                     "objective": _cpu_state(objective) if isinstance(objective, nn.Module) else None,
@@ -552,6 +556,31 @@ def _check_resumable(path: Path, ckpt: dict[str, Any], model: nn.Module, objecti
         + f". Weights that differ: {'; '.join(shown)}. Either restore the settings it was trained with, or start "
         f"afresh: set resume: false for this model (e.g. --params=<model>.resume=false; the checkpoint is then "
         f"overwritten) or delete {path.parent}."
+    )
+
+
+def _data_digest(train: Any) -> str:
+    """SHA-256 of the training set (pixels or cached features, and labels) a checkpoint was trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for tensor in (getattr(train, "images", None), getattr(train, "features", None), train.labels):
+        if isinstance(tensor, torch.Tensor):
+            h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _check_same_data(path: Path, saved: dict[str, Any] | None, digest: str | None, n_images: int) -> None:
+    """Refuse to continue a checkpoint on another training set (another source, split seed or preprocessing, or
+    another run's checkpoint in the shared folder): the result would be neither run's model."""
+    if not saved or not saved.get("digest") or saved["digest"] == digest:
+        return  # checkpoints written before the digest existed are resumed as before
+    raise CheckpointMismatchError(
+        f"Cannot resume from {path}: it was trained on other data ({saved.get('images')} training images, "
+        f"digest {saved['digest'][:12]}) than this run's ({n_images} images, digest {str(digest)[:12]}): another "
+        f"source, split or preprocessing, or another run wrote it. Start afresh: set resume: false for this model "
+        f"(e.g. --params=<model>.resume=false) or delete {path.parent}; or resume on the data it was trained on."
     )
 
 
