@@ -457,15 +457,6 @@ def _version_folders(data: Path, version: str) -> list[str]:
     return sorted(str(p.relative_to(data.parent)) for p in data.rglob(version) if p.is_dir())
 
 
-@pytest.fixture
-def tiny_catalogue(tmp_path_factory) -> Path:
-    from partmatch.demo import generate_demo_catalogue
-
-    catalogue = tmp_path_factory.mktemp("faults") / "tiny catalogue"
-    generate_demo_catalogue(catalogue, seed=3, size=64, scale=0.35)
-    return catalogue
-
-
 @pytest.mark.slow
 def test_a_killed_kedro_run_is_ended_as_killed_by_the_next_run(kedro_project, tiny_catalogue, tmp_path, caplog):
     """A real ``kedro run`` is killed (SIGKILL) while it writes image_array, after ingestion's outputs were saved.
