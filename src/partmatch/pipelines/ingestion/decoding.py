@@ -25,8 +25,11 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 #: Files per task sent to a worker: large enough that the pool's overhead is negligible, small enough that the
-#: progress bar moves and that few files are held in memory at once (at most ``2 * workers`` chunks in flight).
+#: progress bar moves and that few files are held in memory at once (at most ``IN_FLIGHT * workers`` chunks).
 CHUNK_SIZE = 32
+#: Chunks queued per worker: enough that the workers keep decoding while this process waits for a core (on a busy
+#: machine it is descheduled now and then), few enough that memory stays flat.
+IN_FLIGHT = 6
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,7 +53,7 @@ def run_chunked(fn: Callable[[list[T]], list[R]], chunks: Iterable[list[T]], *, 
                 desc: str) -> Iterator[list[R]]:
     """Yield ``fn(chunk)`` for every chunk, in order, computed in a pool of ``workers`` processes (or here for 1).
 
-    ``chunks`` is consumed lazily (at most ``2 * workers`` chunks are in flight), so a generator that reads
+    ``chunks`` is consumed lazily (at most ``IN_FLIGHT * workers`` chunks are in flight), so a generator that reads
     files keeps only those in memory. ``fn`` must be picklable (a module-level function or a
     ``functools.partial`` of one). ``total`` items (the sum of the chunk lengths) drive the progress bar.
     """
@@ -72,7 +75,7 @@ def run_chunked(fn: Callable[[list[T]], list[R]], chunks: Iterable[list[T]], *, 
             iterator = iter(chunks)
             exhausted = False
             while True:
-                while not exhausted and len(pending) < 2 * workers:
+                while not exhausted and len(pending) < IN_FLIGHT * workers:
                     chunk = next(iterator, None)
                     if chunk is None:
                         exhausted = True
