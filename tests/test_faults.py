@@ -733,3 +733,76 @@ def test_resume_on_other_data_is_refused(tmp_path):
         "preprocessing, or another run wrote it. Start afresh: set resume: false for this model (e.g. "
         f"--params=<model>.resume=false) or delete {tmp_path}; or resume on the data it was trained on.")
     assert train(pixels, resume=True).resumed_from_epoch == 1
+
+
+KILLABLE_TRAINING = '''
+import sys, time
+from pathlib import Path
+
+import torch
+
+marker, stop_before_step = sys.argv[1], int(sys.argv[2])
+steps = {"n": 0}
+step = torch.optim.Adam.step
+def stalling_step(self, *args, **kwargs):  # the process dies before this optimiser step, mid-epoch
+    steps["n"] += 1
+    if steps["n"] == stop_before_step:
+        Path(marker).write_text(str(steps["n"]))
+        time.sleep(600)
+    return step(self, *args, **kwargs)
+torch.optim.Adam.step = stalling_step
+
+from kedro.framework.cli import main
+sys.argv = ["kedro", *sys.argv[3:]]
+main()
+'''
+
+
+@pytest.mark.slow
+def test_kedro_run_killed_mid_epoch_then_resumed_trains_the_uninterrupted_model(kedro_project, tiny_catalogue,
+                                                                                 tmp_path):
+    """The whole ``cnn`` pipeline as users run it: a ``kedro run`` killed (SIGKILL) in epoch 2 after one of its
+    optimiser steps, then ``kedro run --params=cnn.resume=true``: its ``model.pt`` has exactly the weights of an
+    uninterrupted run on the same data (another checkpoint folder)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the killed process (OMP_NUM_THREADS=1): float sums in the same order
+    try:
+        _kill_and_resume_cnn(kedro_project, tiny_catalogue, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_resume_cnn(kedro_project, tiny_catalogue, tmp_path) -> None:
+    from partmatch.datasets import TorchModelDataset
+
+    common = {"raw_source": str(tiny_catalogue), "preprocessing": {"image_size": 32}}
+    kedro_project(["ingestion", "preprocessing"], **common)
+    cnn = {"epochs": 3, "max_batches_per_epoch": 2, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
+           "batch_size": 16, "patience": None, "device": "cpu"}
+    kedro_project("cnn", **common, cnn={**cnn, "checkpoint_dir": "data/06_models/cnn/uninterrupted"})
+
+    script, marker = tmp_path / "killable_training.py", tmp_path / "stepping"
+    script.write_text(KILLABLE_TRAINING)
+    params = ",".join([f"raw_source={tiny_catalogue}", "preprocessing.image_size=32",
+                       *(f"cnn.{k}={'null' if v is None else v}" for k, v in cnn.items())])
+    proc = _kedro_process(kedro_project.path, str(marker), "4", "run", "--pipeline=cnn", f"--params={params}",
+                          script=str(script))  # epoch 1 = steps 1-2 (checkpointed), step 3 done, dies before 4
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "training never reached epoch 2"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    ckpt = kedro_project.path / "data" / "06_models" / "cnn" / "checkpoints"
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1
+
+    kedro_project("cnn", **common, cnn={**cnn, "resume": True})
+    models = kedro_project.path / "data" / "06_models" / "cnn" / "model.pt"
+    uninterrupted, resumed = (TorchModelDataset(filepath=str(models), version=Version(v.name, None)).load()
+                              for v in sorted(models.iterdir()))
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 3
+    assert resumed["state_dict"].keys() == uninterrupted["state_dict"].keys()
+    for k, value in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][k], value), \
+            f"{k} differs after kill + resume by {(resumed['state_dict'][k] - value).abs().max().item():.3g}"
