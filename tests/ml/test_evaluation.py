@@ -654,3 +654,18 @@ def test_balanced_rejection_threshold_hand_example():
     t = E.balanced_rejection_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.25, 0.5, 0.6]))
     assert t == pytest.approx(0.225)
     assert E.balanced_rejection_threshold(np.array([0.1, 0.2]), np.array([0.8, 0.9])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine", "manhattan"])
+def test_pair_distances_of_wide_embeddings_span_several_chunks_exactly(distance):
+    # 100,000-d rows: 41 pairs per chunk, so 101 pairs cross 2 chunk boundaries (the study CNN's features are
+    # 40,000-d; a single copy of every pair would take GBs)
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(12, 100_000)).astype(np.float32)
+    a, b = rng.integers(0, 12, 101), rng.integers(0, 12, 101)
+    ea, eb = emb[a].astype(np.float64), emb[b].astype(np.float64)
+    if distance == "cosine":
+        ea, eb = ea / np.linalg.norm(ea, axis=1, keepdims=True), eb / np.linalg.norm(eb, axis=1, keepdims=True)
+    expected = np.abs(ea - eb).sum(axis=1) if distance == "manhattan" else np.linalg.norm(ea - eb, axis=1)
+    np.testing.assert_allclose(E.pair_distances(emb, a, b, distance=distance), expected, rtol=1e-12, atol=1e-9)
+    assert (E.pair_distances(emb, a, b, distance=distance)[a == b] == 0).all()

@@ -359,14 +359,20 @@ def pair_distances(
     a, b = np.asarray(idx_a, dtype=np.int64), np.asarray(idx_b, dtype=np.int64)
     if a.shape != b.shape:
         raise ValueError(f"idx_a and idx_b differ in shape: {a.shape} vs {b.shape}")
-    ea, eb = e[a].astype(np.float64), e[b].astype(np.float64)
-    if distance == "cosine":
-        ea = ea / np.maximum(np.linalg.norm(ea, axis=1, keepdims=True), 1e-12)
-        eb = eb / np.maximum(np.linalg.norm(eb, axis=1, keepdims=True), 1e-12)
-    diff = ea - eb
-    if distance == "manhattan":
-        return np.abs(diff).sum(axis=1)
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    out = np.empty(len(a), dtype=np.float64)
+    # in chunks of ~32 MB: wide embeddings (the study CNN's 40,000-d features) would otherwise need GBs of copies
+    step = max(1, (4 << 20) // max(1, e.shape[1]))
+    for start in range(0, len(a), step):
+        ea, eb = e[a[start:start + step]].astype(np.float64), e[b[start:start + step]].astype(np.float64)
+        if distance == "cosine":
+            ea = ea / np.maximum(np.linalg.norm(ea, axis=1, keepdims=True), 1e-12)
+            eb = eb / np.maximum(np.linalg.norm(eb, axis=1, keepdims=True), 1e-12)
+        diff = ea - eb
+        if distance == "manhattan":
+            out[start:start + step] = np.abs(diff).sum(axis=1)
+        else:
+            out[start:start + step] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return out
 
 
 def _check_pairs(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
