@@ -37,10 +37,10 @@ test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 viz: install
-	$(BIN)/kedro viz run
+	$(BIN)/kedro viz run --host 127.0.0.1
 
 mlflow-ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 # The newest identification model logged for MODEL (default the recommended one), on 127.0.0.1:5001.
 serve: install
