@@ -74,7 +74,10 @@ def data_pipelines(root, workers, preprocessing=PREPROCESSING):
 @pytest.fixture
 def pools(monkeypatch):
     """Chunks of 4 files, so a folder of a few hundred photos really runs in a pool; records each pool's size."""
-    sizes = []
+    class Sizes(list):
+        submitted: list[str]
+
+    sizes = Sizes()
     real = decoding.ProcessPoolExecutor
 
     class Recording(real):
@@ -82,17 +85,29 @@ def pools(monkeypatch):
             sizes.append(max_workers)
             super().__init__(max_workers=max_workers, **kwargs)
 
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(getattr(fn, "func", fn).__name__)
+            return super().submit(fn, *args, **kwargs)
+
+    submitted = sizes.submitted = []
+
+    decoding.shutdown_pool()                             # a pool left by another test is not this test's
     monkeypatch.setattr(decoding, "CHUNK_SIZE", 4)
     monkeypatch.setattr(decoding, "ProcessPoolExecutor", Recording)
-    return sizes
+    yield sizes
+    decoding.shutdown_pool()
 
 
 def test_two_workers_give_byte_identical_outputs_to_one(hostile_demo, pools):
     one = data_pipelines(hostile_demo, 1)
     assert pools == []                                   # workers=1: in this process, no pool
     two = data_pipelines(hostile_demo, 2)
-    # ingestion's decode on 2 processes; preprocessing only checks hashes (in this process) and selects rows
-    assert pools == [2]
+    # one pool of 2 for the run: ingestion's decode, then preprocessing's hash checks in the same (warm) pool,
+    # shut down when preprocessing ends
+    assert pools == [2] and not decoding.pool_is_warm(2)
+    n_files, n_clean = len(one["raw_manifest"]) + len(one["quarantine"]), len(one["clean_manifest"])
+    assert (n_files, n_clean) == (239, 165)
+    assert pools.submitted == ["decode_chunk"] * 60 + ["verify_chunk"] * 42     # 239 and 165 files in chunks of 4
     for name, a in one.items():
         b = two[name]
         if isinstance(a, np.ndarray):

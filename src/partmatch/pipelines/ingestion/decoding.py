@@ -9,6 +9,7 @@ on the number of workers. ``allocate_images`` preallocates the (N, C, S, S) arra
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -65,13 +66,9 @@ def run_chunked(fn: Callable[[list[T]], list[R]], chunks: Iterable[list[T]], *, 
                 bar.update(len(chunk))
                 yield result
             return
-        # fork where the OS has it: a worker starts in milliseconds with everything imported (spawn/forkserver
-        # re-import the caller's __main__, a second or more under kedro). The work units take no lock a thread
-        # of this process could hold (they only decode with Pillow and hash), so forking a threaded process is safe.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending: deque[tuple[Future, int]] = deque()
+        pool = _pool(workers)
+        pending: deque[tuple[Future, int]] = deque()
+        try:
             iterator = iter(chunks)
             exhausted = False
             while True:
@@ -87,8 +84,55 @@ def run_chunked(fn: Callable[[list[T]], list[R]], chunks: Iterable[list[T]], *, 
                 result = future.result()
                 bar.update(n)
                 yield result
+        except BaseException:
+            for future, _ in pending:      # stopped early (an error, the caller gave up): drop what is queued
+                future.cancel()
+            if isinstance(pool, ProcessPoolExecutor) and getattr(pool, "_broken", False):
+                shutdown_pool()
+            raise
     finally:
         bar.close()
+
+
+# One pool at a time, kept between calls: ingestion starts it, preprocessing (the next node of the same run) reuses
+# it for its hash checks and shuts it down, so a run forks its workers once and no idle process outlives the data
+# pipelines (atexit shuts down one that is left, e.g. after `--pipeline ingestion`).
+_POOL: dict[str, Any] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """The pool of ``workers`` processes, started if needed (another size, a broken pool or a forked copy of this
+    process: a new one).
+
+    fork where the OS has it: a worker starts in milliseconds with everything imported (spawn / forkserver
+    re-import the caller's __main__, a second or more under kedro). The work units take no lock a thread of this
+    process could hold (they only read files, decode with Pillow and hash), so forking a threaded process is safe.
+    """
+    if _POOL and (_POOL["workers"] != workers or _POOL["pid"] != os.getpid()
+                  or getattr(_POOL["pool"], "_broken", False)):
+        shutdown_pool()
+    if not _POOL:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+        _POOL.update(workers=workers, pid=os.getpid(), pool=pool)
+    return _POOL["pool"]
+
+
+def pool_is_warm(workers: int) -> bool:
+    """Whether a pool of ``workers`` processes is running (so more work costs no start-up)."""
+    return bool(_POOL) and _POOL["workers"] == workers and _POOL["pid"] == os.getpid()
+
+
+def shutdown_pool() -> None:
+    """Stop the decoding pool's processes (if any)."""
+    if _POOL:
+        pool, pid = _POOL["pool"], _POOL["pid"]
+        _POOL.clear()
+        if pid == os.getpid():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown_pool)
 
 
 def effective_workers(workers: int, n_items: int, chunk_size: int | None = None) -> int:

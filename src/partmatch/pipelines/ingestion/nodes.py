@@ -28,6 +28,7 @@ from .decoding import (
     effective_workers,
     resolve_workers,
     run_chunked,
+    shutdown_pool,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.Dat
     category names and non-image extensions. A file listed under several labels is read and decoded once.
     Decoding runs on ``ingestion.workers`` processes; the result does not depend on their number.
     """
-    manifest, quarantine, _ = _scan(raw_images, config.parse("ingestion", params), None, None)
+    try:
+        manifest, quarantine, _ = _scan(raw_images, config.parse("ingestion", params), None, None)
+    finally:
+        shutdown_pool()  # no preprocess_images of this run will reuse it (that needs scan_and_decode's output)
     return manifest, quarantine
 
 
@@ -70,8 +74,12 @@ def scan_and_decode(raw_images: ImageSource, params: dict[str, Any],
     p = config.parse("ingestion", params)
     pp = config.parse("preprocessing", preprocessing)
     spec = PreprocessSpec(pp.image_size, pp.color_mode, pp.background)
-    manifest, quarantine, images = _scan(raw_images, p, spec, pp)
-    return manifest, quarantine, images
+    try:
+        manifest, quarantine, images = _scan(raw_images, p, spec, pp)
+    except BaseException:
+        shutdown_pool()
+        raise
+    return manifest, quarantine, images  # the pool stays up for preprocess_images, which shuts it down
 
 
 def _scan(raw_images: ImageSource, p: config.IngestionParams, spec: PreprocessSpec | None,
