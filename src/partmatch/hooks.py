@@ -181,7 +181,10 @@ class ModelRunsHook:
         client.log_batch(active.info.run_id, tags=[
             RunTag(k, v) for k, v in {**process, SAVE_VERSION_TAG: str(run_params.get("run_id") or "")}.items()])
         project = Path(run_params.get("project_path") or Path.cwd())
-        mark_dead_runs(client, active.info.experiment_id, project / "data", active.info.run_id, logger)
+        try:
+            mark_dead_runs(client, active.info.experiment_id, project / "data", active.info.run_id, logger)
+        except Exception as exc:  # noqa: BLE001 - tidying other runs' records never stops this run
+            logger.warning("Could not check for killed MLflow runs (%s); this run goes on.", exc)
         tags = {"raw_source": self._raw_source(run_params, catalog), **process}
         if run_params.get("pipeline_names"):
             tags["kedro_pipelines"] = ",".join(run_params["pipeline_names"])
