@@ -1,7 +1,7 @@
 """Ingestion + preprocessing on 1 process against N: wall time, speed-up and identical outputs (issue 11).
 
     python bench/preprocess_scaling.py                  # the shared car parts (7,310 photos), 1 vs 2 workers
-    python bench/preprocess_scaling.py --quick          # a 1,500-photo subset, 3 repeats (~1 minute)
+    python bench/preprocess_scaling.py --quick          # a 4,000-photo subset, 3 repeats (~1 minute)
     python bench/preprocess_scaling.py --workers 4 --repeats 5 --source PATH
 
 What is timed is what ``kedro run --pipelines=ingestion,preprocessing`` runs, through the node functions as the
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="the pool size compared with 1 (default 2)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="only the first N files of the source")
-    ap.add_argument("--quick", action="store_true", help="1,500 files, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="the first 4,000 files (fixed costs such as starting the pool weigh on fewer)")
     ap.add_argument("--baseline", action="store_true", help="also time decode-twice on 1 process")
     args = ap.parse_args(argv)
     if args.quick:
-        args.limit = args.limit or 1500
+        args.limit = args.limit or 4000
     source = ImageSourceDataset(path=args.source).load()
     if args.limit:
         source.records = source.records.iloc[: args.limit].reset_index(drop=True)
