@@ -1,9 +1,10 @@
 """Project CLI: Kedro's own ``kedro run``, with the project's refusals printed as one message, not a traceback.
 
 Kedro loads ``<package>.cli`` and its ``cli`` group's commands override the built-in ones (``kedro run`` and
-``python -m partmatch`` both use this ``run``). A ParameterError (a wrong parameter, an unknown section) or a
-TrackingStoreError (an unreachable tracking server) or a LineageError (a node's inputs come from different runs) ends the command with ``Error: <message>`` on stderr and
-exit status 2, before the work it refuses; every other error keeps Kedro's traceback.
+``python -m partmatch`` both use this ``run``). A ParameterError (a wrong parameter, an unknown section), a
+TrackingStoreError (an unreachable tracking server), a LineageError (a node's inputs come from different runs) or
+a SaveError (a version that could not be written -- full disk, read-only folder -- with nothing half-written left)
+ends the command with ``Error: <message>`` on stderr and exit status 2; every other error keeps Kedro's traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import functools
 
 import click
 from kedro.framework.cli.project import run as _kedro_run
+from kedro.io import DatasetError
 
 from partmatch.config import ParameterError
+from partmatch.datasets import SaveError
 from partmatch.hooks import TrackingStoreError
 from partmatch.lineage import LineageError
 
@@ -35,6 +38,11 @@ def _refusing(callback):
             return callback(*args, **kwargs)
         except (ParameterError, TrackingStoreError, LineageError) as exc:
             raise RunRefused(str(exc)) from None
+        except DatasetError as exc:  # a save that failed (full disk, read-only folder): its message names it all
+            cause = exc if isinstance(exc, SaveError) else exc.__cause__
+            if isinstance(cause, SaveError):
+                raise RunRefused(str(cause)) from None
+            raise
 
     return wrapper
 
