@@ -45,6 +45,7 @@ def _session_uri(project) -> str:
         return session.load_context().mlflow.server.mlflow_tracking_uri
 
 
+@pytest.mark.slow
 def test_tracking_uri_precedence(bare_project, tmp_path, monkeypatch):
     """conf/local/mlflow.yml > MLFLOW_TRACKING_URI > sqlite:///mlflow.db (relative to the project, the cwd)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -56,6 +57,7 @@ def test_tracking_uri_precedence(bare_project, tmp_path, monkeypatch):
     assert _session_uri(bare_project.path) == f"sqlite:///{tmp_path / 'local.db'}"
 
 
+@pytest.mark.slow
 def test_run_is_recorded_where_mlflow_tracking_uri_says(bare_project, photo_folder, tmp_path, monkeypatch):
     import mlflow
 
@@ -110,6 +112,7 @@ def test_sqlite_and_answering_servers_pass_the_check():
         server.server_close()
 
 
+@pytest.mark.slow
 def test_kedro_run_with_unreachable_mlflow_tracking_uri_prints_one_message(bare_project, photo_folder):
     uri = f"http://127.0.0.1:{_closed_port()}"
     proc = kedro_cli(bare_project.path, "run", "--pipeline=ingestion", f"--params=raw_source={photo_folder}",
@@ -120,6 +123,7 @@ def test_kedro_run_with_unreachable_mlflow_tracking_uri_prints_one_message(bare_
     assert not list((bare_project.path / "data").rglob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_two_first_runs_at_once_on_a_fresh_project(bare_project, photo_folder, monkeypatch):
     """Both create the default SQLite store at the same moment: the lock serialises MLflow's table set-up."""
     import mlflow
