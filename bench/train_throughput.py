@@ -20,7 +20,8 @@ the ``cnn`` pipeline (``build_model("classifier", ...)``, 40 car-part categories
 Also printed: the step's FLOPs (forward + backward, ``torch.utils.flop_counter.FlopCounterMode``), (b)'s achieved
 GFLOP/s and its fraction of the fp32 matmul peak (``torch.mm`` ``--mm``^3 on the same threads, best of 5), and a
 table of variants of (b) tried to find what limits it (threads, layout, batch size, oneDNN off, bf16 autocast,
-``torch.compile``); only what helps and changes no result is in the engine (see the closing lines).
+``torch.compile``, the engine without ``cpu_heap_reuse``); only what helps and changes no result is in the
+engine.
 
 Medians of ``--repeats``; variants are interleaved per repeat so that load on the (shared) machine hits all of
 them alike. Numbers on a busy machine are noisy: read the ratios, re-run in a quiet window.
@@ -72,7 +73,7 @@ def build(num_classes: int, seed: int = 0):
     return build_model("classifier", num_classes=num_classes, embedding_dim=64, in_channels=1, image_size=SIZE)
 
 
-def naive_images_per_second(files, labels, num_classes, batch, steps, workers=0) -> float:
+def naive_images_per_second(files, labels, num_classes, batch, steps, workers=0) -> tuple[float, float]:
     model = build(num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
     loader = torch.utils.data.DataLoader(JpegFolder(files, labels), batch_size=batch, shuffle=True,
@@ -81,16 +82,17 @@ def naive_images_per_second(files, labels, num_classes, batch, steps, workers=0)
     x, y = next(it)  # warm-up step, not timed
     F.nll_loss(model(x), y).backward()
     optimizer.step()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         x, y = next(it)
         optimizer.zero_grad()
         F.nll_loss(model(x), y).backward()
         optimizer.step()
-    return batch * steps / (time.perf_counter() - start)
+    return _rates(batch * steps, start, cpu, cpu_counts=workers == 0)
 
 
-def engine_images_per_second(images, labels, num_classes, batch, steps, channels_last=True) -> float:
+def engine_images_per_second(images, labels, num_classes, batch, steps, channels_last=True,
+                             heap_reuse=True) -> tuple[float, float]:
     from partmatch.ml.data import InMemoryImages
     from partmatch.ml.engine import TrainConfig, fit
     from partmatch.ml.objectives import build_objective
@@ -99,11 +101,15 @@ def engine_images_per_second(images, labels, num_classes, batch, steps, channels
     objective = build_objective("cross_entropy", {}, num_classes=num_classes, embedding_dim=num_classes)
     config = TrainConfig(epochs=1, batch_size=batch, lr=5e-4, patience=None, device="cpu", progress=False,
                          max_batches_per_epoch=steps + 1, channels_last=channels_last)
-    result = fit(model, objective, InMemoryImages(images, labels), None, config)
-    return result.history[0]["images_per_second"]
+    data = InMemoryImages(images, labels)
+    cpu = time.process_time()
+    result = (fit if heap_reuse else fit.__wrapped__)(model, objective, data, None, config)
+    cpu_ips = batch * (steps + 1) / (time.process_time() - cpu) * torch.get_num_threads()
+    return result.history[0]["images_per_second"], cpu_ips
 
 
-def manual_step_images_per_second(images, labels, num_classes, batch, steps, bf16=False, compiled=False) -> float:
+def manual_step_images_per_second(images, labels, num_classes, batch, steps, bf16=False,
+                                  compiled=False) -> tuple[float, float]:
     """The engine's step (same batch assembly, channels_last, Adam) written out, with what the engine does not
     do: bf16 autocast on the CPU, ``torch.compile``."""
     from partmatch.ml.data import InMemoryImages
@@ -123,11 +129,21 @@ def manual_step_images_per_second(images, labels, num_classes, batch, steps, bf1
         loss.backward()
         optimizer.step()
 
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
+    from partmatch.ml.engine import cpu_heap_reuse
+
+    with cpu_heap_reuse():  # as fit does
         step()
-    return batch * steps / (time.perf_counter() - start)
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            step()
+        return _rates(batch * steps, start, cpu)
+
+
+def _rates(images: int, start: float, cpu: float, cpu_counts: bool = True) -> tuple[float, float]:
+    """(wall images/s, cpu-based images/s = images per CPU-second of this process x threads)."""
+    wall = images / (time.perf_counter() - start)
+    cpu_ips = images / (time.process_time() - cpu) * torch.get_num_threads() if cpu_counts else float("nan")
+    return wall, cpu_ips
 
 
 def step_flops(num_classes: int, batch: int) -> float:
@@ -140,15 +156,16 @@ def step_flops(num_classes: int, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(n: int) -> float:
+def matmul_peak(n: int) -> tuple[float, float]:
+    """fp32 GFLOP/s of an n^3 ``torch.mm``, best of 5: wall, and cpu-based (per CPU-second x threads)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(5):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    return 2 * n**3 / best / 1e9, 2 * n**3 / (best_cpu / torch.get_num_threads()) / 1e9
 
 
 def main() -> None:
@@ -189,6 +206,8 @@ def main() -> None:
         "(b) engine fit (channels_last, fp32)": lambda: engine_images_per_second(images, engine_labels, k, b, s),
         "    engine fit, channels_last=False (NCHW)": lambda: engine_images_per_second(images, engine_labels, k, b, s,
                                                                                      channels_last=False),
+        "    engine fit without cpu_heap_reuse (a fresh mmap per big tensor)": lambda: engine_images_per_second(
+            images, engine_labels, k, b, s, heap_reuse=False),
         "    engine step + bf16 autocast (not in the engine)": lambda: manual_step_images_per_second(
             images, engine_labels, k, b, s, bf16=True),
     }
@@ -205,27 +224,36 @@ def main() -> None:
         variants["    engine step + torch.compile (not in the engine)"] = lambda: manual_step_images_per_second(
             images, engine_labels, k, b, s, compiled=True)
 
-    peak = matmul_peak(args.mm)
+    peak, peak_cpu = matmul_peak(args.mm)
     flops = step_flops(k, b)
-    results: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
             results[name].append(fn())
-    med = {name: statistics.median(v) for name, v in results.items()}
+    med = {name: statistics.median(w for w, _ in v) for name, v in results.items()}
+    med_cpu = {name: statistics.median(c for _, c in v) for name, v in results.items()}
     naive, engine = med["(a) naive: PIL decode in DataLoader (0 workers), NCHW"], med[
         "(b) engine fit (channels_last, fp32)"]
 
     print(f"torch {torch.__version__}, {args.threads} threads, batch {b}, {SIZE}x{SIZE} grey, {k} classes, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"fp32 matmul peak ({args.mm}^3 torch.mm, best of 5): {peak:.0f} GFLOP/s; one training step = "
+    print(f"fp32 matmul peak ({args.mm}^3 torch.mm, best of 5): {peak:.0f} GFLOP/s ({peak_cpu:.0f} cpu-based); "
+          f"one training step = "
           f"{flops / 1e6:.1f} MFLOP per image (forward + backward)")
-    print(f"\n{'variant':56s} {'img/s':>7} {'GFLOP/s':>8} {'of peak':>8} {'vs (a)':>7}   repeats")
+    print("cpu-based = images per CPU-second of this process x threads (what the threads reach with the cores to "
+          "themselves; robust to other load; n/a with DataLoader worker processes)")
+    print(f"\n{'variant':56s} {'img/s':>7} {'GFLOP/s':>8} {'of peak':>8} {'vs (a)':>7} {'cpu-based':>9} {'vs (a)':>7}"
+          "   repeats (wall)")
+    naive_cpu = med_cpu["(a) naive: PIL decode in DataLoader (0 workers), NCHW"]
     for name, v in med.items():
         gf = v * flops / 1e9
-        print(f"{name:56s} {v:7.0f} {gf:8.1f} {gf / peak:8.1%} {v / naive:6.2f}x   "
-              + " ".join(f"{x:.0f}" for x in results[name]))
-    print(f"\n(b) / (a) = {engine / naive:.2f}x (target >= 3x); (b) achieves {engine * flops / 1e9:.0f} GFLOP/s = "
-          f"{engine * flops / 1e9 / peak:.0%} of the fp32 matmul peak")
+        c = med_cpu[name]
+        print(f"{name:56s} {v:7.0f} {gf:8.1f} {gf / peak:8.1%} {v / naive:6.2f}x {c:9.0f} {c / naive_cpu:6.2f}x   "
+              + " ".join(f"{w:.0f}" for w, _ in results[name]))
+    engine_cpu = med_cpu["(b) engine fit (channels_last, fp32)"]
+    print(f"\n(b) / (a) = {engine / naive:.2f}x wall, {engine_cpu / naive_cpu:.2f}x cpu-based (target >= 3x); (b) "
+          f"achieves {engine * flops / 1e9:.0f} GFLOP/s = {engine * flops / 1e9 / peak:.0%} of the fp32 matmul peak "
+          f"({engine_cpu * flops / 1e9:.0f} GFLOP/s = {engine_cpu * flops / 1e9 / peak_cpu:.0%} of {peak_cpu:.0f} cpu-based)")
 
 
 def _threads(n, fn, *a):
