@@ -83,6 +83,12 @@ class ImageSource:
                 raise cause from None
             raise
 
+    def _real_root(self) -> str:
+        # resolved once per (root) -- a realpath per file is measurable on thousands of photos
+        if getattr(self, "_real_root_of", None) != self.root:
+            self._real_root_of, self._real_root_path = self.root, os.path.realpath(self.root)
+        return self._real_root_path
+
     def outside_root(self, key: str) -> str | None:
         """Where ``key`` really lies when that is outside ``root`` (a ``..`` or absolute manifest path, a symlink
         to a file or folder elsewhere), else None. Symlinks are resolved, so a link inside the folder to a file
@@ -90,7 +96,7 @@ class ImageSource:
         file = self.files.get(key)
         if file is None:
             return None
-        root = os.path.realpath(self.root)
+        root = self._real_root()
         real = os.path.realpath(file)
         try:
             inside = os.path.commonpath([root, real]) == root
