@@ -268,6 +268,7 @@ def test_a_few_files_never_start_a_pool(tmp_path, pools):
     assert pools == [] and len(raw) == 3
 
 
+@pytest.mark.slow
 def test_kedro_run_decodes_once_through_the_catalog(tmp_path, tiny_catalogue):
     """`kedro run --pipelines=data` as a user runs it: 2 workers, arrays over a tiny memory budget (memory-mapped,
     saved from the mapping), decoded_images loaded memory-mapped; image_array equals the in-process result."""
