@@ -241,3 +241,16 @@ def test_embedder_of_a_saved_frozen_model_embeds_like_the_plain_model():
     got = bf16.embed(images)
     assert got.dtype == np.float32
     assert (got * ref).sum(1).min() > 0.97  # unit vectors: cosine similarity to fp32
+
+
+def test_auto_uses_bf16_only_where_the_car_parts_check_passed(monkeypatch):
+    """bench/embed_throughput.py on the 7,310 car parts: cosine (L2-normalised) passed at 100 and 224 px, raw
+    Euclidean failed at both (P@1 -0.0044 / +0.0022): those stay fp32 on any hardware."""
+    monkeypatch.setattr(B, "native_bf16", lambda device="cpu": True)
+    got = {(s, g): B.resolve_precision("auto", "cpu", "efficientnet_lite0", s, g)
+           for s in (100, 224) for g in ("cosine", "euclidean")}
+    assert got == {(100, "cosine"): "bf16", (224, "cosine"): "bf16", (100, "euclidean"): "fp32",
+                   (224, "euclidean"): "fp32"}
+    p = config.TrainingParams(**FROZEN)  # normalize: true, as the recommended siamese_pretrained
+    assert workflow.backbone_precision(p, 100, "cpu") == "bf16"
+    assert workflow.backbone_precision(p.model_copy(update={"normalize": False}), 100, "cpu") == "fp32"
