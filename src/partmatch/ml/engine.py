@@ -139,9 +139,9 @@ def cpu_heap_reuse(enabled: bool = True) -> Iterator[None]:
     """Keep freed memory in the process heap for reuse while CPU training / inference runs (glibc only).
 
     glibc serves every allocation over 32 MB (e.g. a batch of 64 conv activations at 100 px: 82 MB) with a fresh
-    ``mmap`` and returns it on ``free``, so each training step page-faults hundreds of MB of new zero pages --
-    measured as the largest single cost of the study CNN's step (``bench/train_throughput.py``: ~1.45x more
-    images/s without it, same values). Inside this context large blocks come from the heap and freed ones are
+    ``mmap`` and returns it on ``free``, so each training step page-faults hundreds of MB of new zero pages
+    (``bench/train_throughput.py``, study CNN step: 1.04x more images/s with this context on a quiet machine,
+    1.2-1.45x while other processes load it; bitwise the same values). Inside this context large blocks come from the heap and freed ones are
     reused; on exit the defaults are restored and the spare heap is returned to the system (``malloc_trim``).
     Nested uses act once (the outermost). No-op elsewhere or when ``enabled`` is false.
     """
