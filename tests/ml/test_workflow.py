@@ -89,6 +89,9 @@ def test_frozen_pretrained_caches_features_and_trains_only_the_head():
     feats = workflow.backbone_features(images, p)
     assert feats.shape == (len(images), 1280) and np.isfinite(feats).all()
     bundle, history, _ = workflow.train(images, index, p, None, {"image_size": 64}, features=feats)
+    # the precision its cached features were computed in travels with the model, so query photos match them
+    assert bundle["backbone_precision"] == workflow.backbone_precision(p, 64, "cpu")
+    assert Embedder(bundle).precision == bundle["backbone_precision"]
     reference = workflow.build_from_params(p, 4, 3, 64).state_dict()
     for key, value in bundle["state_dict"].items():
         if key.startswith("backbone."):

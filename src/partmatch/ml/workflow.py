@@ -242,6 +242,8 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
         "distance": p.distance,
         "threshold": None,
     }
+    if uses_cached_features(p):  # query photos are embedded in the precision the catalogue's features were
+        bundle["backbone_precision"] = backbone_precision(p, size, device)
     return bundle, result.history, summary
 
 
