@@ -156,6 +156,9 @@ class TrainingParams(_Params):
     device: str = "auto"
     seed: int = 42
     amp: bool = True
+    # bf16 autocast for CPU training steps (CPUs with AMX / AVX512-BF16): ~2x images/s of the study trunk, the
+    # numbers move a little (bench/train_throughput.py); off by default so every configuration keeps its numbers
+    cpu_bf16: bool = False
     augment: bool = False
     resume: bool = False
     checkpoint_dir: str | None = None

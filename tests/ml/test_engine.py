@@ -237,3 +237,19 @@ def test_a_reference_network_in_the_objective_gets_the_models_memory_format(tmp_
     fit(model, obj, toy_images(), None, config(epochs=1))
     conv = reference.features[3].weight  # (8, 4, 3, 3): NCHW and NHWC layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+@pytest.mark.parametrize("cpu_bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_cpu_bf16_runs_the_training_step_in_bfloat16_only_when_asked(cpu_bf16, dtype):
+    data = toy_images()
+    model = small_model("classifier")
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype) if mod.training else None)
+    try:
+        result = fit(model, ClassificationObjective(), data, None, config(epochs=1, cpu_bf16=cpu_bf16))
+    finally:
+        handle.remove()
+    assert set(seen) == {dtype}                      # every training step's convolution
+    assert all(p.dtype == torch.float32 for p in model.parameters())   # weights stay fp32 (autocast, not .half())
+    assert math.isfinite(result.history[0]["train_loss"])

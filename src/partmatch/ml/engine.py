@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu
     seed: int = 42
     amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 autocast + GradScaler
+    cpu_bf16: bool = False  # CPU: bf16 autocast of the training step (opt-in: results change slightly)
     augment: bool = False
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -310,8 +311,9 @@ def fit(
         groups.append(group)
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = (config.amp and device.type == "cuda") or (config.cpu_bf16 and device.type == "cpu")
+    amp_dtype = (torch.bfloat16 if device.type == "cpu" or (use_amp and torch.cuda.is_bf16_supported())
+                 else torch.float16)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     # images: torchvision transforms; cached backbone features (frozen mode): a random view (image / mirror)
     augment = (make_augmentation(config.augment, train.image_size) if isinstance(train, InMemoryImages)

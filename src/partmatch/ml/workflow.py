@@ -166,7 +166,8 @@ def backbone_precision(p: TrainingParams, image_size: int, device: str) -> str:
 def train_config(p: TrainingParams, checkpoint_dir: str | None, mean: tuple, std: tuple) -> TrainConfig:
     """Engine configuration from the pipeline's parameters."""
     return TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                       patience=p.patience, device=p.device, seed=p.seed, amp=p.amp, augment=p.augment,
+                       patience=p.patience, device=p.device, seed=p.seed, amp=p.amp, cpu_bf16=p.cpu_bf16,
+                       augment=p.augment,
                        checkpoint_dir=checkpoint_dir, resume=p.resume, max_batches_per_epoch=p.max_batches_per_epoch,
                        progress=p.progress, mean=mean, std=std)
 
