@@ -111,3 +111,17 @@ def test_non_utf8_and_hidden_names_are_reported_not_listed(tmp_path):
         {"path": "A/\\xff.jpg", "label": "A", "stage": "quarantine",
          "reason": "file or folder name is not valid UTF-8 (undecodable bytes shown as \\x..): 'A/\\xff.jpg'"},
         {"path": "A/.hidden.jpg", "reason": "hidden file: name starts with '.', not read"}]
+
+
+def test_optional_npy_dataset_is_none_until_a_version_exists(tmp_path):
+    import numpy as np
+    from kedro.io import Version
+
+    from partmatch.datasets import OptionalNpyDataset
+
+    path = str(tmp_path / "decoded_images.npy")
+    assert OptionalNpyDataset(filepath=path, version=Version(None, None)).load() is None
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 1, 3, 4)
+    OptionalNpyDataset(filepath=path, version=Version(None, "2026-01-01T00.00.00.000Z")).save(arr)
+    loaded = OptionalNpyDataset(filepath=path, version=Version(None, None), load_args={"mmap_mode": "r"}).load()
+    assert loaded.tobytes() == arr.tobytes() and loaded.shape == (2, 1, 3, 4)

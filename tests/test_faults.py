@@ -301,7 +301,9 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, unint
     ckpt_dir = tmp_path / "killed"
     left = sorted(p.name for p in ckpt_dir.iterdir())
     if kill_at == "mid-save":  # the half-written file kept its temporary name: last.pt is still epoch 1's
-        assert left == [f".last.pt.tmp-{proc.pid}", "best.pt", "last.pt"]
+        from partmatch.ml.engine import _host
+
+        assert left == [f".last.pt.tmp-{_host()}-{proc.pid}", "best.pt", "last.pt"]
     else:
         assert left == ["best.pt", "last.pt"]
     epoch1 = torch.load(ckpt_dir / "last.pt", weights_only=True)

@@ -99,3 +99,36 @@ def test_training_refuses_an_image_array_from_another_run_than_its_split_index(k
                for name, v in (("image_array", third), ("split_index", split_version))}
     assert records["image_array"]["digest"] == records["split_index"]["lineage"]["image_array"]["digest"]
     assert find_conflict(records) is None
+
+
+def test_content_digest_of_content_it_cannot_hash_is_none_not_an_error():
+    circular: dict = {}
+    circular["self"] = circular
+    assert content_digest(pd.DataFrame({"cell": [[1, 2], [3]]})) is None
+    assert content_digest(circular) is None
+
+
+def test_a_record_is_written_only_for_a_version_that_was_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from partmatch.lineage import LineageHook
+
+    hook = LineageHook()
+    hook.after_context_created(SimpleNamespace(project_path=tmp_path))
+
+    class Catalog:
+        def get(self, name):
+            from kedro.io import Version
+
+            from partmatch.datasets import NpyDataset
+            return NpyDataset(filepath=str(tmp_path / f"{name}.npy"), version=Version(None, "V1"))
+
+    node = SimpleNamespace(name="n", inputs=[], outputs=["saved", "failed"])
+    hook.after_node_run(node, Catalog(), {"saved": np.zeros(3), "failed": np.ones(3)})
+    assert not (tmp_path / "data/lineage").exists()          # Kedro saves after this hook: nothing yet
+    hook.after_dataset_saved("saved")
+    record = json.loads((tmp_path / "data/lineage/saved/V1.json").read_text())
+    assert record["lineage"]["failed"]["version"] == "V1" and record["digest"] == content_digest(np.zeros(3))
+    hook.on_node_error(node)                                  # saving 'failed' raised: no record for it
+    hook.after_dataset_saved("failed")
+    assert not (tmp_path / "data/lineage/failed").exists()

@@ -36,7 +36,9 @@ from kedro.io.core import (
 )
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.partitions import PartitionedDataset
-from kedro_mlflow.io.artifacts import MlflowArtifactDataset as _KedroMlflowArtifactDataset
+from kedro_mlflow.io.artifacts import (
+    MlflowArtifactDataset as _KedroMlflowArtifactDataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -676,6 +678,17 @@ class MlflowArtifactDataset(_KedroMlflowArtifactDataset):
         if version is not None and isinstance(instance, AbstractVersionedDataset) and instance._version is not None:
             instance._version = version
         return instance
+
+
+class OptionalNpyDataset(NpyDataset):
+    """:class:`NpyDataset` whose load gives ``None`` when no version exists yet: ``decoded_images`` (ingestion's
+    one decode), which preprocessing uses when it is there and replaces by decoding when it is not (data ingested
+    before it existed, or its folder deleted to save disk)."""
+
+    def load(self) -> Any:
+        if not self._exists():
+            return None
+        return super().load()
 
 
 class MetricsJSONDataset(JSONDataset):

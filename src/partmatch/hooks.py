@@ -315,3 +315,21 @@ class ServedModelHook:
 
         if isinstance(pipeline, PipelineML):
             serving.pin_served_inputs(set(pipeline.inference.inputs()), catalog)
+
+
+class DecodingPoolHook:
+    """Stops ingestion's decoding workers when a run ends or fails: ``scan_and_decode`` leaves them up for the
+    run's ``preprocess_images``, which is not always part of the run (``--pipeline ingestion``, ``--to-nodes``, an
+    error in between); in a notebook or test process they would otherwise outlive it, forked from old state."""
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        from partmatch.pipelines.ingestion.decoding import shutdown_pool
+
+        shutdown_pool()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        from partmatch.pipelines.ingestion.decoding import shutdown_pool
+
+        shutdown_pool()

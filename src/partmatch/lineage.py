@@ -41,7 +41,15 @@ class LineageError(RuntimeError):
 
 
 def content_digest(data: Any) -> str | None:
-    """A sha256 of a dataset's content, for the types whose content is cheap to hash exactly; else None."""
+    """A sha256 of a dataset's content, for the types whose content is cheap to hash exactly; else None (also
+    for content those types cannot hash: list cells in a frame, a circular dict...)."""
+    try:
+        return _digest(data)
+    except (TypeError, ValueError):
+        return None
+
+
+def _digest(data: Any) -> str | None:
     h = hashlib.sha256()
     if isinstance(data, np.ndarray):
         h.update(f"{data.dtype.str}{data.shape}".encode())
@@ -50,10 +58,7 @@ def content_digest(data: Any) -> str | None:
         h.update(",".join(map(str, data.columns)).encode())
         h.update(pd.util.hash_pandas_object(data, index=True).to_numpy().tobytes())
     elif isinstance(data, (dict, list)):
-        try:
-            h.update(json.dumps(data, sort_keys=True, default=_no_json).encode())
-        except TypeError:
-            return None
+        h.update(json.dumps(data, sort_keys=True, default=_no_json).encode())
     else:
         return None
     return h.hexdigest()
@@ -112,11 +117,12 @@ class LineageHook:
     def __init__(self) -> None:
         self._root: Path | None = None
         self._memory: dict[str, dict] = {}  # lineage of this run's non-versioned outputs (MemoryDatasets)
+        self._pending: dict[str, dict] = {}  # records of outputs computed but not saved yet
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self._root = Path(context.project_path) / LINEAGE_DIR
-        self._memory = {}
+        self._memory, self._pending = {}, {}
 
     @staticmethod
     def _versioned(catalog, name: str) -> AbstractVersionedDataset | None:
@@ -190,9 +196,21 @@ class LineageHook:
             record = {"dataset": name, "version": entry["version"], "digest": entry["digest"], "node": node.name,
                       "lineage": {**inherited, **siblings}}
             if entry["versioned"]:
-                try:
-                    _write_json(self._record_path(name, entry["version"]), record)
-                except OSError as exc:
-                    logger.warning("lineage record for %s not written (%s)", name, exc)
+                self._pending[name] = record  # written once the dataset is saved (Kedro saves after this hook)
             else:
                 self._memory[name] = record
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        record = self._pending.pop(dataset_name, None)
+        if record is None or self._root is None:
+            return
+        try:
+            _write_json(self._record_path(dataset_name, record["version"]), record)
+        except OSError as exc:
+            logger.warning("lineage record for %s not written (%s)", dataset_name, exc)
+
+    @hook_impl
+    def on_node_error(self, node) -> None:
+        for name in node.outputs:  # a save that failed: no record of a version that does not exist
+            self._pending.pop(name, None)

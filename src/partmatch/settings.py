@@ -4,6 +4,7 @@ from omegaconf.resolvers import oc
 
 from partmatch.hooks import (
     AtomicSavesHook,
+    DecodingPoolHook,
     ModelRunsHook,
     ParameterValidationHook,
     ServedModelHook,
@@ -17,9 +18,10 @@ from partmatch.lineage import LineageHook
 # ModelRunsHook: one MLflow child run per model pipeline (unprefixed metrics/params, figures, logged model).
 # ServedModelHook: pins the served model's files to this run's versions before kedro-mlflow logs it.
 # AtomicSavesHook: every dataset version is written under a temporary name and renamed when complete.
+# DecodingPoolHook: ingestion's decoding workers end with the run (also when it fails).
 # LineageHook: a node whose versioned inputs were derived from different versions of a dataset does not run.
 HOOKS = (TrackingStoreHook(), ParameterValidationHook(), ModelRunsHook(), ServedModelHook(), LineageHook(),
-         AtomicSavesHook())
+         AtomicSavesHook(), DecodingPoolHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

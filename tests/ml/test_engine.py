@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -253,3 +254,15 @@ def test_cpu_bf16_runs_the_training_step_in_bfloat16_only_when_asked(cpu_bf16, d
     assert set(seen) == {dtype}                      # every training step's convolution
     assert all(p.dtype == torch.float32 for p in model.parameters())   # weights stay fp32 (autocast, not .half())
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_dead_checkpoint_temp_files_of_this_host_only_are_removed(tmp_path):
+    from partmatch.ml.engine import _host, _remove_dead_temp_files
+
+    dead = 2 ** 22 + 12345                     # above Linux's pid_max default: no such process
+    mine, other = tmp_path / f".last.pt.tmp-{_host()}-{dead}", tmp_path / f".last.pt.tmp-otherhost-{dead}"
+    alive = tmp_path / f".best.pt.tmp-{_host()}-{os.getpid()}"
+    for p in (mine, other, alive):
+        p.write_bytes(b"partial")
+    _remove_dead_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, alive.name])

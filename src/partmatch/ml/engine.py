@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -216,7 +217,7 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` under a temporary name, then one rename: a save cut short (killed, full disk) leaves the
     previous ``path`` intact and no partial file under its name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -227,11 +228,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
                                  f"checkpoint_dir to null)") from exc
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
 def _remove_dead_temp_files(folder: Path) -> None:
-    """Delete the ``.last.pt.tmp-<pid>`` / ``.best.pt.tmp-<pid>`` of a process killed while it saved (pid gone)."""
+    """Delete the ``.last.pt.tmp-<host>-<pid>`` / ``.best.pt.tmp-<host>-<pid>`` of a process of this host killed
+    while it saved (pid gone); another host's temp files (a shared checkpoint folder) are left alone."""
     from partmatch.tracking import process_alive
 
-    for tmp in folder.glob(".*.pt.tmp-*"):
+    for tmp in folder.glob(f".*.pt.tmp-{_host()}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)

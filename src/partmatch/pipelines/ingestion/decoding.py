@@ -13,7 +13,9 @@ import atexit
 import logging
 import multiprocessing
 import os
+import sys
 import tempfile
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -100,6 +102,9 @@ def run_chunked(fn: Callable[[list[T]], list[R]], chunks: Iterable[list[T]], *, 
 _POOL: dict[str, Any] = {}
 
 
+_LOCK = threading.Lock()
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     """The pool of ``workers`` processes, started if needed (another size, a broken pool or a forked copy of this
     process: a new one).
@@ -108,11 +113,18 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     re-import the caller's __main__, a second or more under kedro). The work units take no lock a thread of this
     process could hold (they only read files, decode with Pillow and hash), so forking a threaded process is safe.
     """
+    with _LOCK:
+        return _pool_locked(workers)
+
+
+def _pool_locked(workers: int) -> ProcessPoolExecutor:
     if _POOL and (_POOL["workers"] != workers or _POOL["pid"] != os.getpid()
                   or getattr(_POOL["pool"], "_broken", False)):
-        shutdown_pool()
+        _shutdown_locked()
     if not _POOL:
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # fork on Linux only: macOS system libraries start threads that a forked child can deadlock on (CPython
+        # itself defaults to spawn there)
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
         _POOL.update(workers=workers, pid=os.getpid(), pool=pool)
     return _POOL["pool"]
@@ -125,6 +137,11 @@ def pool_is_warm(workers: int) -> bool:
 
 def shutdown_pool() -> None:
     """Stop the decoding pool's processes (if any)."""
+    with _LOCK:
+        _shutdown_locked()
+
+
+def _shutdown_locked() -> None:
     if _POOL:
         pool, pid = _POOL["pool"], _POOL["pid"]
         _POOL.clear()

@@ -26,6 +26,7 @@ from .decoding import (
     allocate_images,
     chunked,
     effective_workers,
+    pool_is_warm,
     resolve_workers,
     run_chunked,
     shutdown_pool,
@@ -54,10 +55,12 @@ def scan_source(raw_images: ImageSource, params: dict[str, Any]) -> tuple[pd.Dat
     category names and non-image extensions. A file listed under several labels is read and decoded once.
     Decoding runs on ``ingestion.workers`` processes; the result does not depend on their number.
     """
+    warm = pool_is_warm(resolve_workers(config.parse("ingestion", params).workers))
     try:
         manifest, quarantine, _ = _scan(raw_images, config.parse("ingestion", params), None, None)
     finally:
-        shutdown_pool()  # no preprocess_images of this run will reuse it (that needs scan_and_decode's output)
+        if not warm:  # a pool this node started (one already up belongs to scan_and_decode's preprocessing)
+            shutdown_pool()
     return manifest, quarantine
 
 
