@@ -311,3 +311,15 @@ def test_another_source_still_fails_naming_both_with_ingestions_pixels_at_hand(t
         preprocess_images(source_b, clean, PREPROCESSING, decoded, {"workers": 1})
     images, index = preprocess_images(source_a, clean, PREPROCESSING, decoded, {"workers": 1})
     assert list(index["path"]) == [f"Disc/{i}.jpg" for i in range(4)] and images.shape == (4, 1, 32, 32)
+
+
+def test_large_image_arrays_are_zero_filled_writable_and_picklable():
+    import pickle
+
+    big = decoding.allocate_images((9, 1, 1024, 1024), memory_budget_mb=64)      # 9 MB: the huge-page path
+    small = decoding.allocate_images((2, 1, 8, 8), memory_budget_mb=64)
+    assert not isinstance(big, np.memmap) and big.shape == (9, 1, 1024, 1024) and big.dtype == np.uint8
+    assert not big.any() and not small.any()
+    big[3, 0, 5, 7] = 200
+    assert int(big.sum()) == 200
+    assert pickle.loads(pickle.dumps(big)).tobytes() == big.tobytes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import mmap
 import multiprocessing
 import os
 import sys
@@ -180,7 +181,7 @@ def allocate_images(shape: tuple[int, ...], *, memory_budget_mb: float, memmap_d
     """
     nbytes = int(np.prod(shape, dtype=np.int64))
     if nbytes <= memory_budget_mb * 1024 * 1024:
-        return np.zeros(shape, dtype=np.uint8)
+        return _zeros(shape, nbytes)
     fd, path = tempfile.mkstemp(prefix="partmatch-images-", suffix=".npy", dir=memmap_dir)
     os.close(fd)
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=tuple(shape))
@@ -188,6 +189,25 @@ def allocate_images(shape: tuple[int, ...], *, memory_budget_mb: float, memmap_d
     logger.info("Image array %s = %.0f MB > preprocessing.memory_budget_mb %g: memory-mapped at %s.", shape,
                 nbytes / 2**20, memory_budget_mb, path)
     return array
+
+
+# Arrays from this size on are backed by transparent huge pages where the kernel offers them (madvise mode):
+# first-touch page faults on 4 kB pages cost ~50 us each on these VMs, i.e. 0.8 s to fill the car parts' 64 MB
+# array row by row, against 0.05 s on 2 MB pages.
+HUGEPAGE_MIN_BYTES = 8 << 20
+
+
+def _zeros(shape: tuple[int, ...], nbytes: int) -> np.ndarray:
+    """A zero-filled uint8 array; a large one in anonymous memory advised to use huge pages (same values)."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or nbytes < HUGEPAGE_MIN_BYTES:
+        return np.zeros(shape, dtype=np.uint8)
+    buffer = mmap.mmap(-1, nbytes)  # anonymous: zero-filled, unmapped when the array is freed
+    try:
+        buffer.madvise(advice)
+    except OSError:  # huge pages disabled ("never"): ordinary pages
+        pass
+    return np.frombuffer(buffer, dtype=np.uint8, count=nbytes).reshape(shape)
 
 
 def _remove(path: str) -> None:
