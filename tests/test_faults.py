@@ -30,8 +30,8 @@ from partmatch.datasets import (
     SaveError,
     TorchModelDataset,
     make_saves_atomic,
-    temp_name,
 )
+from partmatch.tempfiles import parse_temp_name, temp_host, temp_name
 from tests.conftest import PROJECT_ROOT
 
 V1, V2 = "2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"
@@ -191,8 +191,6 @@ def test_a_really_read_only_folder(tmp_path):
 def test_temp_names_are_hidden_and_name_their_process():
     name = temp_name("image_array.npy")
     assert name.startswith(".image_array.npy.tmp-")
-    from partmatch.datasets import parse_temp_name
-
     target, _host, pid = parse_temp_name(name)
     assert (target, pid) == ("image_array.npy", os.getpid())
     assert parse_temp_name("image_array.npy") is None
@@ -301,9 +299,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, unint
     ckpt_dir = tmp_path / "killed"
     left = sorted(p.name for p in ckpt_dir.iterdir())
     if kill_at == "mid-save":  # the half-written file kept its temporary name: last.pt is still epoch 1's
-        from partmatch.ml.engine import _host
-
-        assert left == [f".last.pt.tmp-{_host()}-{proc.pid}", "best.pt", "last.pt"]
+        assert left[1:] == ["best.pt", "last.pt"] and parse_temp_name(left[0]) == ("last.pt", temp_host(), proc.pid)
     else:
         assert left == ["best.pt", "last.pt"]
     epoch1 = torch.load(ckpt_dir / "last.pt", weights_only=True)

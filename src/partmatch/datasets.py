@@ -15,8 +15,6 @@ import io
 import logging
 import os
 import posixpath
-import socket
-import uuid
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -39,6 +37,8 @@ from kedro_datasets.partitions import PartitionedDataset
 from kedro_mlflow.io.artifacts import (
     MlflowArtifactDataset as _KedroMlflowArtifactDataset,
 )
+
+from partmatch.tempfiles import temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -331,30 +331,9 @@ def _same_path(a: Path, b: Path) -> bool:
 
 # ------------------------------------------------------------------------------------ atomic saves
 
-#: A file being written is named ``.<name>.tmp-<host>-<pid>-<random>`` beside its target until it is complete.
-TEMP_MARK = ".tmp-"
-
-
 class SaveError(DatasetError):
     """A dataset could not be written (full disk, read-only folder...): the message names the dataset and the
     path; nothing half-written was left behind."""
-
-
-def temp_name(name: str) -> str:
-    """The hidden temporary name a file is written under before it is renamed to ``name``."""
-    host = socket.gethostname().replace("-", "_") or "localhost"
-    return f".{name}{TEMP_MARK}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def parse_temp_name(name: str) -> tuple[str, str, int] | None:
-    """``(target name, host, pid)`` of a file named by :func:`temp_name`, else None."""
-    if not name.startswith(".") or TEMP_MARK not in name:
-        return None
-    target, _, rest = name[1:].rpartition(TEMP_MARK)
-    parts = rest.split("-")
-    if len(parts) != 3 or not parts[1].isdigit():
-        return None
-    return target, parts[0], int(parts[1])
 
 
 class _AtomicFile:

@@ -207,7 +207,8 @@ def run_is_dead(tags: Mapping[str, str], host: str | None = None) -> bool:
 def versions_left(data_dir: str | os.PathLike, save_version: str) -> list[str]:
     """Every dataset version folder named ``save_version`` below ``data_dir``, after deleting the temporary
     files of saves the run did not finish (and the folders they leave empty): what the run really left."""
-    from partmatch.datasets import parse_temp_name, remove_empty_folders
+    from partmatch.datasets import remove_empty_folders
+    from partmatch.tempfiles import parse_temp_name
 
     root = Path(data_dir)
     if not save_version or not root.is_dir():

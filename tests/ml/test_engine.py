@@ -257,11 +257,13 @@ def test_cpu_bf16_runs_the_training_step_in_bfloat16_only_when_asked(cpu_bf16, d
 
 
 def test_dead_checkpoint_temp_files_of_this_host_only_are_removed(tmp_path):
-    from partmatch.ml.engine import _host, _remove_dead_temp_files
+    from partmatch.ml.engine import _remove_dead_temp_files
+    from partmatch.tempfiles import temp_host
 
     dead = 2 ** 22 + 12345                     # above Linux's pid_max default: no such process
-    mine, other = tmp_path / f".last.pt.tmp-{_host()}-{dead}", tmp_path / f".last.pt.tmp-otherhost-{dead}"
-    alive = tmp_path / f".best.pt.tmp-{_host()}-{os.getpid()}"
+    mine = tmp_path / f".last.pt.tmp-{temp_host()}-{dead}-0a1b2c3d"
+    other = tmp_path / f".last.pt.tmp-otherhost-{dead}-0a1b2c3d"
+    alive = tmp_path / f".best.pt.tmp-{temp_host()}-{os.getpid()}-0a1b2c3d"
     for p in (mine, other, alive):
         p.write_bytes(b"partial")
     _remove_dead_temp_files(tmp_path)

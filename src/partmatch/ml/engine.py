@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from partmatch.config import ParameterError
 from partmatch.ml.data import InMemoryImages, make_augmentation
+from partmatch.tempfiles import parse_temp_name, temp_host, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` under a temporary name, then one rename: a save cut short (killed, full disk) leaves the
     previous ``path`` intact and no partial file under its name."""
-    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
+    tmp = path.with_name(temp_name(path.name))
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -228,18 +228,17 @@ def _atomic_save(obj: Any, path: Path) -> None:
                                  f"checkpoint_dir to null)") from exc
 
 
-def _host() -> str:
-    return socket.gethostname().replace("-", "_") or "host"
-
-
 def _remove_dead_temp_files(folder: Path) -> None:
-    """Delete the ``.last.pt.tmp-<host>-<pid>`` / ``.best.pt.tmp-<host>-<pid>`` of a process of this host killed
-    while it saved (pid gone); another host's temp files (a shared checkpoint folder) are left alone."""
+    """Delete the temporary ``last.pt`` / ``best.pt`` files (``partmatch.tempfiles`` names) of a process of this
+    host killed while it saved (pid gone); another host's (a shared checkpoint folder) are left alone."""
     from partmatch.tracking import process_alive
 
-    for tmp in folder.glob(f".*.pt.tmp-{_host()}-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+    for tmp in folder.glob(".*.pt.tmp-*"):
+        parsed = parse_temp_name(tmp.name)
+        if parsed is None:
+            continue
+        _, host, pid = parsed
+        if host == temp_host() and pid != os.getpid() and not process_alive(pid):
             tmp.unlink(missing_ok=True)
 
 
