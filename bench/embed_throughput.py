@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import yaml
 
+from benchlib import matmul_peak
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "datasets" / "carparts"
 PARAMS_FILE = ROOT / "conf" / "base" / "parameters_siamese_pretrained.yml"
@@ -58,20 +60,6 @@ def load_photos(source: Path, size: int, step: int) -> tuple[np.ndarray, np.ndar
         raise SystemExit(f"no photos under {source}/<split>/<category>/*.jpg: pass --source")
     images = np.stack([preprocess_bytes(f.read_bytes(), image_size=size, color_mode="grayscale") for f in files])
     return images, np.array([f.parent.name for f in files])
-
-
-def matmul_peak(n: int, repeats: int) -> tuple[float, float]:
-    """fp32 GFLOP/s of an n x n x n ``torch.mm`` (best of ``repeats``: the peak the hardware reaches): wall, and
-    cpu-based (per CPU-second x threads)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        torch.mm(a, b)
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return 2 * n**3 / min(wall) / 1e9, 2 * n**3 / (min(cpu) / torch.get_num_threads()) / 1e9
 
 
 def forward_flops(model: torch.nn.Module, size: int) -> float:

@@ -42,13 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from benchlib import rss_bytes
 
 
 def peak_bytes() -> int:

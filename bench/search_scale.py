@@ -36,20 +36,12 @@ from pathlib import Path  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+from benchlib import rss_bytes  # noqa: E402
 
 from partmatch.ml.retrieval import GalleryIndex, IndexConfig  # noqa: E402
 
 K = 10
 BATCH = 64
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def clustered(n: int, dim: int, centres: np.ndarray, basis: np.ndarray, seed: int, spread: float,

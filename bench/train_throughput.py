@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchlib import matmul_peak
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "datasets" / "carparts"
 SIZE = 100
@@ -154,18 +156,6 @@ def step_flops(num_classes: int, batch: int) -> float:
     with FlopCounterMode(display=False) as counter:
         F.nll_loss(model(x), y).backward()
     return counter.get_total_flops() / batch
-
-
-def matmul_peak(n: int) -> tuple[float, float]:
-    """fp32 GFLOP/s of an n^3 ``torch.mm``, best of 5: wall, and cpu-based (per CPU-second x threads)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(5):
-        t, c = time.perf_counter(), time.process_time()
-        torch.mm(a, b)
-        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
-    return 2 * n**3 / best / 1e9, 2 * n**3 / (best_cpu / torch.get_num_threads()) / 1e9
 
 
 def main() -> None:
