@@ -400,15 +400,19 @@ def test_runs_whose_process_is_gone_are_marked_killed_and_their_versions_reporte
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_bytes(b"x")
 
+    before = int(time.time() * 1000)
     with caplog.at_level("WARNING", logger="partmatch"):
         killed = mark_dead_runs(client, exp, data, logger=logging.getLogger("partmatch.hooks"))
+    after = int(time.time() * 1000)
     left = [f"data/02_intermediate/raw_manifest.parquet/{V2}", f"data/08_reporting/ingestion/cleaning_counts.json/{V2}"]
     assert killed == {runs["dead"]: left, runs["reused pid"]: []}
     status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
     assert status == {"dead": "KILLED", "alive": "RUNNING", "reused pid": "KILLED", "other host": "RUNNING",
                       "no tags": "RUNNING"}
     assert client.get_run(runs["dead"]).data.tags[LEFT_VERSIONS_TAG] == ", ".join(left)
-    assert client.get_run(runs["dead"]).info.end_time is not None
+    end = {name: client.get_run(run_id).info.end_time for name, run_id in runs.items()}
+    assert before <= end["dead"] <= after and before <= end["reused pid"] <= after     # ended now, by this call
+    assert [end[n] for n in ("alive", "other host", "no tags")] == [None, None, None]
     assert not (data / "04_feature" / "image_array.npy" / V2).exists()     # the cut-short save is cleaned up
     assert (data / "02_intermediate" / "raw_manifest.parquet" / V1).exists()
     messages = sorted(r.getMessage() for r in caplog.records if r.name == "partmatch.hooks")
