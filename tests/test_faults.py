@@ -37,6 +37,18 @@ from tests.conftest import PROJECT_ROOT
 V1, V2 = "2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"
 
 
+def _sigkill_at(proc: subprocess.Popen, marker: Path, timeout: float, never_reached: str) -> None:
+    """SIGKILL ``proc`` as soon as it has written ``marker`` (its kill point); fails with its output if it ends
+    first, or with ``never_reached`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, never_reached
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
 def _figure(value: float):
     import matplotlib
 
@@ -288,13 +300,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, unint
     CPU, one thread, fixed seed, and the checkpoint holds every RNG state, so the arithmetic is identical."""
     proc = _train(tmp_path, "killed", kill_at=kill_at)
     marker = tmp_path / "killed.marker"
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the training process never reached the kill point"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _sigkill_at(proc, marker, 240, "the training process never reached the kill point")
     assert proc.returncode == -signal.SIGKILL
     ckpt_dir = tmp_path / "killed"
     left = sorted(p.name for p in ckpt_dir.iterdir())
@@ -474,13 +480,7 @@ def test_a_killed_kedro_run_is_ended_as_killed_by_the_next_run(kedro_project, ti
     marker = tmp_path / "saving"
     proc = _kedro_process(project, "image_array.npy", str(marker), "run", "--pipelines=ingestion,preprocessing",
                           f"--params=raw_source={tiny_catalogue}", script=str(script))
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the run never reached the image_array save"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _sigkill_at(proc, marker, 300, "the run never reached the image_array save")
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("partmatch").experiment_id
@@ -789,13 +789,7 @@ def _kill_and_resume_cnn(kedro_project, tiny_catalogue, tmp_path) -> None:
                        *(f"cnn.{k}={'null' if v is None else v}" for k, v in cnn.items())])
     proc = _kedro_process(kedro_project.path, str(marker), "4", "run", "--pipeline=cnn", f"--params={params}",
                           script=str(script))  # epoch 1 = steps 1-2 (checkpointed), step 3 done, dies before 4
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "training never reached epoch 2"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _sigkill_at(proc, marker, 300, "training never reached epoch 2")
     ckpt = kedro_project.path / "data" / "06_models" / "cnn" / "checkpoints"
     assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1
 
