@@ -22,7 +22,7 @@ import yaml
 from partmatch.config import TrainingParams
 from partmatch.ml import evaluation, workflow
 from partmatch.ml.data import InMemoryImages
-from partmatch.ml.engine import fit, seed_everything
+from partmatch.ml.training import fit, seed_everything
 from partmatch.ml.inference import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ the ``cnn`` pipeline (``build_model("classifier", ...)``, 40 car-part categories
 (a) naive: a ``torch.utils.data.DataLoader`` (``num_workers=0``, shuffled) over the shared car-part JPEGs whose
     ``__getitem__`` decodes the file with PIL every time (grey, resized to 100x100, scaled to [-1, 1]); the model in
     PyTorch's default layout (NCHW), ``loss.backward(); optimizer.step()``.
-(b) the engine: ``partmatch.ml.engine.fit`` as the pipelines call it (``TrainConfig`` defaults: channels_last,
+(b) the engine: ``partmatch.ml.training.fit`` as the pipelines call it (``TrainConfig`` defaults: channels_last,
     no augmentation, ``amp`` = CUDA only) on the preprocessed uint8 array, the same objective
     (``objectives.build_objective("cross_entropy")``); images/s is the engine's own per-epoch figure (the step
     loop only: batch assembly from the uint8 array, forward, backward, Adam), each repeat one epoch of ``--steps``
@@ -96,7 +96,7 @@ def naive_images_per_second(files, labels, num_classes, batch, steps, workers=0)
 def engine_images_per_second(images, labels, num_classes, batch, steps, channels_last=True,
                              heap_reuse=True, cpu_bf16=False) -> tuple[float, float]:
     from partmatch.ml.data import InMemoryImages
-    from partmatch.ml.engine import TrainConfig, fit
+    from partmatch.ml.training import TrainConfig, fit
     from partmatch.ml.objectives import build_objective
 
     model = build(num_classes)
@@ -131,7 +131,7 @@ def manual_step_images_per_second(images, labels, num_classes, batch, steps, bf1
         loss.backward()
         optimizer.step()
 
-    from partmatch.ml.engine import cpu_heap_reuse
+    from partmatch.ml.training import cpu_heap_reuse
 
     with cpu_heap_reuse():  # as fit does
         step()

@@ -218,9 +218,9 @@ import numpy as np
 import torch
 
 torch.set_num_threads(1)
-from partmatch.ml import engine
+from partmatch.ml.training import checkpoint as engine
 from partmatch.ml.data import InMemoryImages
-from partmatch.ml.engine import TrainConfig, fit, seed_everything
+from partmatch.ml.training import TrainConfig, fit, seed_everything
 from partmatch.ml.models import build_model
 from partmatch.ml.objectives import build_objective
 
@@ -333,7 +333,7 @@ def test_resume_with_another_embedding_dim_names_the_checkpoint_the_change_and_t
     """Before: ``load_state_dict`` stopped with PyTorch's bare "size mismatch for head...". Now: the file, the
     changed setting, the weights that differ and both fixes."""
     from partmatch.ml.data import InMemoryImages
-    from partmatch.ml.engine import CheckpointMismatchError, TrainConfig, fit
+    from partmatch.ml.training import CheckpointMismatchError, TrainConfig, fit
     from partmatch.ml.models import build_model
     from partmatch.ml.objectives import build_objective
 
@@ -639,9 +639,9 @@ def test_a_full_disk_or_read_only_output_folder_stops_the_run_naming_dataset_and
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """``last.pt`` of epoch 2 cannot be written (ENOSPC half-way): the error names the file, epoch 1's ``last.pt``
     is intact and no temporary file is left, so ``resume`` continues from epoch 1."""
-    from partmatch.ml import engine
+    from partmatch.ml.training import checkpoint as engine
     from partmatch.ml.data import InMemoryImages
-    from partmatch.ml.engine import TrainConfig, fit
+    from partmatch.ml.training import TrainConfig, fit
     from partmatch.ml.models import build_model
     from partmatch.ml.objectives import build_objective
 
@@ -702,7 +702,7 @@ def test_resume_on_other_data_is_refused(tmp_path):
     import hashlib
 
     from partmatch.ml.data import InMemoryImages
-    from partmatch.ml.engine import CheckpointMismatchError, TrainConfig, fit
+    from partmatch.ml.training import CheckpointMismatchError, TrainConfig, fit
     from partmatch.ml.models import build_model
     from partmatch.ml.objectives import build_objective
 

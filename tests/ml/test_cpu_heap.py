@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from partmatch.ml import engine
-from partmatch.ml.engine import cpu_heap_reuse, fit
+from partmatch.ml.training import device as engine
+from partmatch.ml.training import loop
+from partmatch.ml.training import cpu_heap_reuse, fit
 from partmatch.ml.inference import _run_batches
 from partmatch.ml.objectives import build_objective
 from tests.ml.test_engine import config, small_model, toy_images
@@ -32,7 +33,7 @@ def test_fit_runs_inside_the_heap_context_and_trains_bitwise_identically(monkeyp
         depths.append(enabled)
         return real(enabled)
 
-    monkeypatch.setattr(engine, "cpu_heap_reuse", spy)
+    monkeypatch.setattr(loop, "cpu_heap_reuse", spy)
     with_heap = _train(fit)
     assert depths == [True]  # fit on the CPU asked for it, once
     without = _train(fit.__wrapped__)  # the undecorated loop: glibc's default allocation

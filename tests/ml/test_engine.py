@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages, make_augmentation
-from partmatch.ml.engine import NonFiniteLossError, TrainConfig, fit, load_checkpoint, resolve_device, seed_everything
+from partmatch.ml.training import NonFiniteLossError, TrainConfig, fit, load_checkpoint, resolve_device, seed_everything
 from partmatch.ml.models import build_model, model_from_spec
 from partmatch.ml.objectives import (
     BaseObjective,
@@ -257,7 +257,7 @@ def test_cpu_bf16_runs_the_training_step_in_bfloat16_only_when_asked(cpu_bf16, d
 
 
 def test_dead_checkpoint_temp_files_of_this_host_only_are_removed(tmp_path):
-    from partmatch.ml.engine import _remove_dead_temp_files
+    from partmatch.ml.training.checkpoint import remove_dead_temp_files as _remove_dead_temp_files
     from partmatch.tempfiles import temp_host
 
     dead = 2 ** 22 + 12345                     # above Linux's pid_max default: no such process

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from partmatch.imaging import inspect_image, preprocess_bytes
-from partmatch.ml.engine import cpu_heap_reuse
+from partmatch.ml.training import cpu_heap_reuse
 from partmatch.ml.models import combine_views, model_from_spec
 
 logger = logging.getLogger(__name__)

@@ -1,11 +1,14 @@
-"""Training objectives: what a batch is and how its loss is computed, so ``engine.fit`` stays loss-agnostic.
+"""Training objectives: what a batch is and how its loss is computed, so the training loop stays loss-agnostic.
 
 An objective decides (1) how an epoch is cut into batches (``batches``), (2) the loss of a batch given the
 model (``loss``) and (3) extra trainable parameters such as proxies (``extra_parameters``). Objectives are
 ``nn.Module`` s, so their state (e.g. proxies) moves with ``.to(device)`` and is saved with ``state_dict()``.
 
 Randomness inside a batch (pair / triplet / quadruplet sampling) uses torch's global CPU generator, which the
-engine seeds and checkpoints, so training is reproducible and resumable on every device.
+training loop seeds and checkpoints, so training is reproducible and resumable on every device. In a distributed
+step (``partmatch.ml.training.distributed``) the model sees this process's slice of the batch and ``labels`` are the
+whole batch's: what the model computed is gathered (``gather_batch``) before any loss or mining, so every process
+computes the single-process loss of the whole batch (same random pairs / triplets: same seeded generator).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from partmatch.ml.data import class_balanced_batches, epoch_rng, shuffled_batches
 from partmatch.ml.losses import QuadrupletLoss, StudyContrastiveLoss
+from partmatch.ml.training.distributed import gather_batch
 
 TRIPLET_SAMPLINGS = ("random", "semihard", "hard")
 
@@ -124,7 +128,7 @@ class BaseObjective(nn.Module):
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         embeddings = model(images)
         with _fp32(embeddings.device):
-            return self.loss_from_embeddings(embeddings.float(), labels)
+            return self.loss_from_embeddings(gather_batch(embeddings.float()), labels)
 
     def loss_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not compute a loss from embeddings")
@@ -141,7 +145,7 @@ class ClassificationObjective(BaseObjective):
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         log_probs = model(images)
         with _fp32(log_probs.device):
-            return F.nll_loss(log_probs.float(), labels)
+            return F.nll_loss(gather_batch(log_probs.float()), labels)
 
 
 class ContrastiveObjective(BaseObjective):
@@ -347,10 +351,10 @@ class SimilarityPreservingObjective(BaseObjective):
             return self._reference(inputs)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        reference = self.reference_features(images)
+        reference = gather_batch(self.reference_features(images).float())
         embeddings = model(images)
         with _fp32(embeddings.device):
-            embeddings = embeddings.float()
+            embeddings = gather_batch(embeddings.float())
             return (self.inner.loss_from_embeddings(embeddings, labels)
                     + self.weight * similarity_drift(embeddings, reference))
 

@@ -22,7 +22,7 @@ import torch
 from partmatch.config import TrainingParams
 from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
-from partmatch.ml.engine import TrainConfig, fit, resolve_device, seed_everything
+from partmatch.ml.training import TrainConfig, fit, resolve_device, seed_everything
 from partmatch.ml.inference import Embedder, apply_head, embed_images
 from partmatch.ml.models import build_model, model_spec
 from partmatch.ml.retrieval import GalleryIndex

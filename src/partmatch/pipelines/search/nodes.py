@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from partmatch import config
 from partmatch.datasets import ImageSource
 from partmatch.ml import evaluation, plots, workflow
-from partmatch.ml.engine import resolve_device
+from partmatch.ml.training import resolve_device
 from partmatch.ml.inference import Embedder
 from partmatch.ml.retrieval import UNKNOWN, GalleryIndex, IndexConfig, identify
 from partmatch.reports import search_report_html, thumbnail_data_uri
