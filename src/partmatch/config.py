@@ -125,6 +125,28 @@ class EdaParams(_Params):
 _BACKBONE_FEATURES = {"efficientnet_lite0": 1280, "resnet18": 512}
 
 
+class DistributedParams(_Params):
+    """``<model>.distributed``: train on N processes with torch.distributed, launched like ``torchrun``
+    (``partmatch.ml.training.distributed``). ``batch_size`` stays the global batch: each process takes its share."""
+
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> DistributedParams:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes}): machines are "
+                             f"numbered 0 .. nnodes-1")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"rdzv_endpoint must be host:port of node 0, got {self.rdzv_endpoint!r}")
+        return self
+
+
 class TrainingParams(_Params):
     """Hyper-parameters of one model pipeline (``conf/base/parameters_<pipeline>.yml`` under its name)."""
 
@@ -171,6 +193,7 @@ class TrainingParams(_Params):
     # frozen pretrained features: fp32, bf16, or auto = bf16 only on native-bf16 hardware for the backbones /
     # sizes where bf16 was checked against fp32 (partmatch.ml.backbones.resolve_precision)
     backbone_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    distributed: DistributedParams = Field(default_factory=DistributedParams)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from partmatch.config import TrainingParams
 from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
-from partmatch.ml.training import TrainConfig, fit, resolve_device, seed_everything
+from partmatch.ml.training import TrainConfig, distributed, fit, resolve_device, seed_everything
 from partmatch.ml.inference import Embedder, apply_head, embed_images
 from partmatch.ml.models import build_model, model_spec
 from partmatch.ml.retrieval import GalleryIndex
@@ -190,7 +192,60 @@ def _val_scorer(p: TrainingParams, embed, log_probs, train_rows: np.ndarray, val
 
 def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
           preprocessing: dict[str, Any], features: np.ndarray | None = None) -> tuple[dict, list[dict], dict]:
-    """Train one model on the train split with early stopping on the validation split; return (bundle, history, summary)."""
+    """Train one model on the train split with early stopping on the validation split; return (bundle, history, summary).
+
+    With ``p.distributed`` asking for more than one process, the training runs in ``nproc_per_node`` processes
+    launched like ``torchrun`` (:func:`train_distributed`); the result is rank 0's. Frozen mode (cached backbone
+    features: only a small head trains, seconds per epoch) always trains in this process."""
+    dist_config = distributed.DistributedConfig(**p.distributed.model_dump())
+    if dist_config.enabled and uses_cached_features(p):
+        logger.warning("%s trains a head on cached frozen-backbone features (seconds per epoch): it trains in this "
+                       "process; distributed.nproc_per_node=%d is ignored.", p.backbone, dist_config.nproc_per_node)
+    elif dist_config.enabled:
+        return train_distributed(images, split_index, p, checkpoint_dir, preprocessing, dist_config)
+    return _train_here(images, split_index, p, checkpoint_dir, preprocessing, features)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every process of a distributed training needs (picklable): the images as a ``.npy`` file each process
+    memory-maps, and the rest of :func:`train`'s arguments."""
+
+    images_path: str
+    split_index: pd.DataFrame
+    params: TrainingParams
+    checkpoint_dir: str | None
+    preprocessing: dict[str, Any]
+
+
+def _train_worker(job: TrainJob) -> tuple[dict, list[dict], dict]:
+    """One process of a distributed training (launched by :func:`train_distributed`)."""
+    images = np.load(job.images_path, mmap_mode="r")
+    return _train_here(images, job.split_index, job.params, job.checkpoint_dir, job.preprocessing)
+
+
+def train_distributed(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
+                      preprocessing: dict[str, Any],
+                      dist_config: distributed.DistributedConfig) -> tuple[dict, list[dict], dict]:
+    """:func:`train` on ``dist_config.world_size`` processes (torch.distributed, PyTorch's elastic launcher): every
+    process trains on its slice of each global batch; rank 0 writes the checkpoints; every process ends with the
+    same model, and this machine's lowest rank's (bundle, history, summary) is returned."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="partmatch-dist-") as folder:
+        path = getattr(images, "filename", None)
+        if not (isinstance(images, np.memmap) and path and Path(path).suffix == ".npy"):
+            path = str(Path(folder) / "images.npy")
+            np.save(path, np.ascontiguousarray(images))
+        job = TrainJob(str(path), split_index, p, checkpoint_dir, preprocessing)
+        results = distributed.launch(_train_worker, job, dist_config, resolve_device(p.device))
+    bundle, history, summary = results[min(results)]
+    summary = {**summary, "wall_seconds": time.perf_counter() - started}
+    return bundle, history, summary
+
+
+def _train_here(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
+                preprocessing: dict[str, Any], features: np.ndarray | None = None) -> tuple[dict, list[dict], dict]:
+    """:func:`train` in this process (one of N when a distributed run launched it)."""
     classes = class_mapping(split_index)
     if len(classes) < 2:
         raise ValueError(f"Training needs at least 2 categories in the train split, found {len(classes)}.")
@@ -225,8 +280,9 @@ def train(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, chec
     else:
         train_set = InMemoryImages(images[train_rows], y[train_rows], mean=mean, std=std)
         live = Embedder.for_model(model, mean, std, device=device, batch_size=p.eval_batch_size)
-        embed = lambda rows: live.embed(images, rows)  # noqa: E731
-        log_probs = lambda rows: live.log_probs(images, rows)  # noqa: E731
+        # validation embeddings: each process embeds its share of the rows, every process gets them all
+        embed = distributed.gather_rows(lambda rows: live.embed(images, rows))
+        log_probs = distributed.gather_rows(lambda rows: live.log_probs(images, rows))
         scorer = _val_scorer(p, embed, log_probs, train_rows, val_rows, y)
         result = fit(model, objective, train_set, scorer, config, param_groups=groups)
     summary = {k: v for k, v in asdict(result).items() if k != "history"}

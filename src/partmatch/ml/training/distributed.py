@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@record  # a failing process writes its error for the launcher (DistributedTrainingError names it)
 def _entrypoint(target: Callable[[Any], Any], job: Any, backend: str, timeout_s: float, threads: int) -> Any:
     """What every process runs: join the process group, run ``target(job)``, leave the group."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -210,12 +212,6 @@ def _entrypoint(target: Callable[[Any], Any], job: Any, backend: str, timeout_s:
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-
-
-def _record(fn: Callable) -> Callable:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    return record(fn)
 
 
 def launch(target: Callable[[Any], Any], job: Any, config: DistributedConfig, device: torch.device) -> dict[int, Any]:
@@ -243,7 +239,7 @@ def launch(target: Callable[[Any], Any], job: Any, config: DistributedConfig, de
     logger.info("Training on %d process(es) (%d per node x %d node(s), this is node %d), backend %s.",
                 config.world_size, config.nproc_per_node, config.nnodes, config.node_rank, backend)
     try:
-        results = elastic_launch(launch_config, _record(_entrypoint))(target, job, backend, config.timeout_s, threads)
+        results = elastic_launch(launch_config, _entrypoint)(target, job, backend, config.timeout_s, threads)
     except ChildFailedError as exc:
         raise DistributedTrainingError(_failure_message(exc)) from None
     return {int(k) + config.node_rank * config.nproc_per_node: v for k, v in results.items()}

@@ -97,7 +97,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(self.step, device_ids=[device.index] if device.type == "cuda"
-                                                   else None, broadcast_buffers=False)
+                                                   else None)
 
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
