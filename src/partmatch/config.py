@@ -346,8 +346,8 @@ def parse(section: str, raw: Any, model: type[_Params] | None = None) -> Any:
         for err in exc.errors():
             key = ".".join([section, *(str(p) for p in err["loc"])]) if err["loc"] else section
             given = f" (got {err['input']!r})" if err["loc"] and "input" in err and err["type"] != "missing" else ""
-            hint = _did_you_mean(err["loc"][-1], _fields_at(model, err["loc"][:-1])) \
-                if err["type"] == "extra_forbidden" else ""
+            fields = _fields_at(model, err["loc"][:-1]) if err["type"] == "extra_forbidden" else []
+            hint = (_did_you_mean(err["loc"][-1], fields) or f"; valid keys: {', '.join(fields)}") if fields else ""
             lines.append(f"  - '{key}': {err['msg'].removeprefix('Value error, ')}{given}{hint}")
         raise ParameterError(
             "Invalid parameters:\n" + "\n".join(lines) + "\nFix them in "
