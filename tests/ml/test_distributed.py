@@ -35,7 +35,9 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> float:
 # in exact arithmetic and ~1e-9 float noise in practice; Adam's first steps are ~lr * sign(gradient), so that noise
 # becomes steps of the learning rate's size that differ between any two summation orders (measured: 4e-4 with
 # normalize: false). With L2-normalised embeddings (the pipelines' pretrained setting) every gradient carries
-# signal, and the two runs agree to ~2e-7.
+# signal, and the two runs agree to ~2e-7. The same noise grows with more steps and terms: with the similarity-
+# preserving term (preserve_weight: 30) the weights differ by 3e-6 after 4 steps although one step's gradients agree
+# to 1e-5 relative (test_one_distributed_step_gives_the_single_process_gradients).
 CASES = {
     "contrastive_random_pairs": {"loss": "contrastive", "normalize": True},  # the study's random balanced pairs
     "triplet_semihard_miner": {"loss": "triplet", "sampling": "semihard", "normalize": True, "margin": 0.2},
@@ -140,3 +142,99 @@ def test_a_shard_splits_a_global_batch_in_rank_order():
     parts = [distributed.Shard(len(batch), r, 3).local(batch) for r in range(3)]
     assert [p.tolist() for p in parts] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20]]
     assert distributed.gather_batch(torch.ones(2)) is not None and not distributed.is_active()
+
+
+# --------------------------------------------------------------------------------- the same kedro command
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kedro_run_on_two_processes_gives_the_artifacts_of_one_process(kedro_project, tiny_catalogue):
+    """``kedro run --pipeline=siamese_triplet`` with ``distributed.nproc_per_node=2``: the same model (to 1e-6), the
+    same metrics keys, and the same MLflow runs (rank 1 records nothing) as the 1-process run."""
+    import json
+
+    import mlflow
+
+    from tests.conftest import kedro_cli
+
+    tiny = {"epochs": 2, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
+            "batch_size": 16, "patience": None}
+    common = {"raw_source": str(tiny_catalogue), "preprocessing": {"image_size": 32}}
+    kedro_project(["ingestion", "preprocessing"], **common)
+    project = kedro_project.path
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+    def run(processes: int) -> tuple[dict, dict, list[str]]:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        before = {r.info.run_id for r in client.search_runs(experiments)} if experiments else set()
+        params = ",".join([f"raw_source={tiny_catalogue}", "preprocessing.image_size=32",
+                           *(f"siamese_triplet.{k}={'null' if v is None else v}" for k, v in tiny.items()),
+                           f"siamese_triplet.distributed.nproc_per_node={processes}"])
+        proc = kedro_cli(project, "run", "--pipeline=siamese_triplet", f"--params={params}", timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        model_dir = project / "data/06_models/siamese_triplet/model.pt"
+        latest = sorted(model_dir.iterdir())[-1] / "model.pt"
+        metrics_dir = project / "data/08_reporting/siamese_triplet/metrics.json"
+        metrics = json.loads((sorted(metrics_dir.iterdir())[-1] / "metrics.json").read_text())
+        runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.info.run_id not in before]
+        return torch.load(latest, weights_only=True), metrics, sorted(r.info.run_name for r in runs)
+
+    one_model, one_metrics, one_runs = run(1)
+    two_model, two_metrics, two_runs = run(2)
+    assert one_metrics["train_processes"] == 1 and two_metrics["train_processes"] == 2
+    # Measured 1e-5 here (0 on the toy set of the tests above; one step's gradients agree to 1e-5 relative): Adam's
+    # first steps are ~lr x sign(gradient), so parameters whose gradient is near zero turn the ~1e-7 rounding of the
+    # all-reduce into steps of ~lr/50. A sharding or scaling error moves every parameter by ~lr (5e-4) per step.
+    _assert_same_weights(one_model["state_dict"], two_model["state_dict"], atol=5e-5)
+    assert sorted(one_metrics) == sorted(two_metrics)
+    for key in ("precision_at_1", "map_at_r", "open_set_precision_at_1", "pair_accuracy"):
+        assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-6), key
+    assert one_runs == two_runs and len(two_runs) >= 1        # one record of the run, whatever the process count
+
+
+def _one_step_gradients(loss: str) -> dict[str, torch.Tensor]:
+    """The gradients of one training step on a seeded global batch of 16 toy images: this process's slice under
+    DistributedDataParallel when a process group is up, the whole batch otherwise."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from partmatch.ml.objectives import SimilarityPreservingObjective, build_objective
+    from partmatch.ml.training import TrainStep
+    from tests.ml.test_engine import small_model, toy_images
+
+    model = small_model(seed=1)
+    args = {"proxy_anchor": {}, "triplet": {"sampling": "semihard", "margin": 0.5}}.get(loss.split("+")[0], {})
+    objective = build_objective(loss.split("+")[0], args, 4, 8)
+    if loss.endswith("+preserve"):
+        import copy
+
+        objective = SimilarityPreservingObjective(objective, 30.0, copy.deepcopy(model.backbone))
+    data = toy_images()
+    batch = next(iter(objective.batches(data.labels_np, 16, 1, 0)))
+    step = TrainStep(model, objective)
+    shard = distributed.Shard(len(batch), distributed.rank(), distributed.world_size()) if distributed.is_active() \
+        else None
+    forward = DistributedDataParallel(step) if shard else step
+    images, _ = data.batch(batch if shard is None else shard.local(batch))
+    torch.manual_seed(5)                                   # the same random pairs / triplets in every process
+    with distributed.sharded(shard):
+        forward(images, data.labels[torch.as_tensor(batch)]).backward()
+    return {name: p.grad.clone() for name, p in step.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_distributed_step_gives_the_single_process_gradients():
+    """Adam hides a wrong gradient scale (its steps are ~lr x sign), so the gradients themselves are compared: the
+    gather's x world-size on the own slice and DDP's average give the single-process gradient of every parameter,
+    the proxies' included."""
+    for loss in ("contrastive", "triplet", "proxy_anchor", "triplet+preserve"):
+        one = _one_step_gradients(loss)
+        two = distributed.launch(_one_step_gradients, loss, distributed.DistributedConfig(nproc_per_node=2,
+                                                                                            timeout_s=60),
+                                 torch.device("cpu"))
+        assert sorted(one) == sorted(two[0]) == sorted(two[1])
+        for name in one:
+            torch.testing.assert_close(two[0][name], one[name], rtol=1e-5, atol=1e-7, msg=f"{loss}: {name}")
+            assert torch.equal(two[0][name], two[1][name])            # DDP: every rank holds the same gradient

@@ -71,7 +71,8 @@ def evaluate_model(model: dict, embeddings: np.ndarray, split_index: pd.DataFram
     metrics = workflow.evaluate(model, embeddings, split_index, p)
     metrics.update({"epochs": int(summary["epochs_run"]), "best_epoch": int(summary["best_epoch"]),
                     "train_images_per_second": float(summary["images_per_second"]), "device": summary["device"],
-                    "train_wall_seconds": float(summary["wall_seconds"])})
+                    "train_wall_seconds": float(summary["wall_seconds"]),
+                    "train_processes": int(summary.get("world_size", 1))})
     if summary.get("gpu_name"):
         metrics.update({"gpu_name": summary["gpu_name"], "gpu_peak_memory_mb": summary["gpu_peak_memory_mb"]})
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
