@@ -117,10 +117,8 @@ class Trainer:
         self.augment = (make_augmentation(config.augment, train.image_size) if isinstance(train, InMemoryImages)
                         else config.augment)
         self.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        if device.type == "cuda":
+        if device.type == "cuda":  # batches come from pinned host memory or a copy on the GPU (data.InMemoryImages)
             torch.cuda.reset_peak_memory_stats(device)
-            if hasattr(train, "pin_memory"):
-                train.pin_memory()
 
         self.state = LoopState()
         self.ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
