@@ -20,6 +20,10 @@ are normalised when they enter the index and the queries when they are searched)
 ranks the candidates; their distances are then recomputed in float64 from the stored vectors (and the
 candidates re-sorted by them), so they match ``pair_distances`` to float32 precision.
 
+Re-ranking (:mod:`partmatch.ml.reranking`, ``GalleryIndex.search(..., rerank=RerankConfig(...))``): the engine's
+``top_n`` candidates are re-ordered by alpha query expansion (``qe``), k-reciprocal encoding (``k_reciprocal``)
+or a learned pairwise head (``pairwise``, :func:`fit_pairwise_reranker`); the search is still this one.
+
 :func:`identify` turns a :class:`SearchResult` into a part name per query by a distance-weighted vote of the
 ``k`` nearest items, with a confidence and the verdict :data:`UNKNOWN` when even the nearest item is farther
 than the model's calibrated threshold.
@@ -41,6 +45,9 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from partmatch.ml import reranking
+from partmatch.ml.reranking import PairwiseReranker, RerankConfig
+
 logger = logging.getLogger(__name__)
 
 DISTANCES: tuple[str, ...] = ("euclidean", "cosine", "manhattan")
@@ -57,6 +64,7 @@ FILE_FORMAT = "partmatch-gallery-index"
 FILE_FORMAT_VERSION = 1
 _RESERVED_COLUMNS = ("id", "label")
 _RECOMPUTE_CHUNK = 1 << 22  # floats per chunk when recomputing neighbour distances
+_RERANK_CHUNK = 1 << 24  # candidate-vector floats gathered at once for re-ranking
 
 
 # ================================================================================================ config
@@ -430,7 +438,8 @@ class GalleryIndex:
         return out
 
     def search(self, queries: Any, k: int, exclude_ids: Sequence | None = None, *,
-               exclude_positions: Any = None) -> SearchResult:
+               exclude_positions: Any = None, rerank: RerankConfig | dict | None = None,
+               reranker: PairwiseReranker | None = None) -> SearchResult:
         """The ``k`` nearest gallery items of each query (rows of ``queries``), nearest first.
 
         Neighbours are searched in this index's vectors by its engine (``kind``): exact brute force, or the
@@ -444,6 +453,12 @@ class GalleryIndex:
                 are skipped for that query (e.g. the query itself in leave-one-out search). The search then
                 looks ``k + m`` deep (m = most exclusions of a query) and drops them.
             exclude_positions: the same by gallery position, (Nq,) or (Nq, m) int (-1 = none).
+            rerank: optional :class:`~partmatch.ml.reranking.RerankConfig` (or its dict): the engine returns the
+                ``top_n`` nearest candidates (at least ``k``) and the re-ranker (``qe``, ``k_reciprocal`` or
+                ``pairwise``) re-orders them; the first ``k`` of the new order are returned, each with its true
+                distance to the query (so the distances are no longer sorted). ``mode: none`` = plain search.
+            reranker: the trained :class:`~partmatch.ml.reranking.PairwiseReranker` of ``mode: pairwise``
+                (:func:`fit_pairwise_reranker`).
 
         Returns:
             :class:`SearchResult` of (Nq, k) arrays.
@@ -451,6 +466,9 @@ class GalleryIndex:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer (neighbours per query), got {k!r}")
         k = int(k)
+        cfg = None if rerank is None else RerankConfig.from_dict(rerank)
+        if cfg is not None and cfg.active:
+            return self._search_reranked(queries, k, cfg, reranker, exclude_ids, exclude_positions)
         q = self._prepare(_as_matrix("queries", queries, dim=self.dim, allow_empty=True))
         nq, n = len(q), len(self)
         excl = self._exclusions(exclude_ids, exclude_positions, nq)
@@ -467,13 +485,18 @@ class GalleryIndex:
         order = np.argsort(dist, axis=1, kind="stable")  # exact order among the candidates, padding last
         pos = np.take_along_axis(pos, order, axis=1)[:, :k]
         dist = np.take_along_axis(dist, order, axis=1)[:, :k]
+        return self._result(pos, dist, k)
+
+    def _result(self, pos: np.ndarray, dist: np.ndarray, k: int) -> SearchResult:
+        """SearchResult of (Nq, k) arrays from candidate positions / distances (padded to k)."""
+        nq = len(pos)
         if pos.shape[1] < k:
             pad = k - pos.shape[1]
             pos = np.concatenate([pos, np.full((nq, pad), -1, dtype=np.int64)], axis=1)
             dist = np.concatenate([dist, np.full((nq, pad), np.inf)], axis=1)
         valid = pos >= 0
         safe = np.where(valid, pos, 0)
-        if n:
+        if len(self):
             id_arr, label_arr = self._columns()
             ids = np.where(valid, id_arr[safe], None)
             labels = np.where(valid, label_arr[safe], None)
@@ -481,6 +504,40 @@ class GalleryIndex:
             ids = np.full(pos.shape, None, dtype=object)
             labels = np.full(pos.shape, None, dtype=object)
         return SearchResult(dist.astype(np.float32), pos, ids.astype(object), labels.astype(object))
+
+    def _search_reranked(self, queries: Any, k: int, cfg: RerankConfig, reranker: PairwiseReranker | None,
+                         exclude_ids: Sequence | None, exclude_positions: Any) -> SearchResult:
+        """First stage: the ``cfg.candidates(k)`` nearest by this index's engine; second stage: re-order them
+        (:mod:`partmatch.ml.reranking`), keep the first ``k``."""
+        if cfg.mode == "pairwise":
+            if reranker is None:
+                raise ValueError("rerank mode 'pairwise' needs a trained re-ranker: pass reranker="
+                                 "fit_pairwise_reranker(...) (trained on the gallery's categories)")
+            if reranker.dim != self.dim:
+                raise ValueError(f"the pairwise re-ranker scores {reranker.dim}-dimensional vectors but the index "
+                                 f"holds {self.dim}-dimensional ones; train it on this model's embeddings")
+        first = self.search(queries, cfg.candidates(k), exclude_ids, exclude_positions=exclude_positions)
+        q = self._prepare(_as_matrix("queries", queries, dim=self.dim, allow_empty=True))
+        pos, dist = first.positions, first.distances.astype(np.float64)
+        valid = pos >= 0
+        score = np.full(pos.shape, np.inf)
+        chunk = max(1, _RERANK_CHUNK // (max(1, pos.shape[1]) * self.dim))
+        for s in range(0, len(q), chunk):
+            ok = valid[s:s + chunk]
+            cand = self._vectors[np.where(ok, pos[s:s + chunk], 0)]
+            if cfg.mode == "qe":
+                score[s:s + chunk] = reranking.alpha_query_expansion(q[s:s + chunk], cand, ok, self.distance,
+                                                                     cfg.qe_n, cfg.qe_alpha)
+            elif cfg.mode == "k_reciprocal":
+                score[s:s + chunk] = reranking.k_reciprocal_distances(q[s:s + chunk], cand, ok, self.distance,
+                                                                      cfg.k1, cfg.k2, cfg.lambda_value)
+            else:
+                score[s:s + chunk] = reranker.rerank_distances(q[s:s + chunk], cand, ok)
+        score = np.where(valid, score, np.inf)
+        order = np.argsort(score, axis=1, kind="stable")  # ties keep the first stage's order; padding last
+        pos = np.take_along_axis(pos, order, axis=1)[:, :k]
+        dist = np.take_along_axis(dist, order, axis=1)[:, :k]
+        return self._result(pos, dist, k)
 
     # ------------------------------------------------------------------ add / remove
 
@@ -715,7 +772,10 @@ def identify(result: SearchResult, threshold: float | None, k: int = 5,
 
     * ``predicted_label``: the vote's winner (None when the gallery is empty);
     * ``confidence``: 0..1 (0 with no neighbour);
-    * ``nearest_distance``, ``nearest_label``: the nearest item (inf / None with no neighbour);
+    * ``nearest_distance``: the smallest distance among the k (inf with no neighbour); ``nearest_label``: the
+      first-ranked item's label (None with no neighbour) -- for a plain search both are the nearest item's, for a
+      re-ranked one (``GalleryIndex.search(rerank=...)``) the label is the re-ranker's first choice while the
+      unknown-part test still uses the nearest true distance;
     * ``verdict``: :data:`UNKNOWN` (``"unknown part"``) when ``nearest_distance > threshold`` (or no
       neighbour), else ``"known"``; ``threshold`` None never answers unknown;
     * ``answer``: ``predicted_label``, or :data:`UNKNOWN` when the verdict is unknown.
@@ -731,7 +791,9 @@ def identify(result: SearchResult, threshold: float | None, k: int = 5,
     valid = (pos >= 0) & np.isfinite(d)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (relative distance scale of the vote), got {temperature!r}")
-    d1 = np.where(valid[:, :1], d[:, :1], 0.0) if d.shape[1] else np.zeros((nq, 1))
+    # the nearest distance among the k (= column 0 of a plain search; a re-ranked result is not sorted by it)
+    d_min = np.where(valid, d, np.inf).min(axis=1, initial=np.inf)
+    d1 = np.where(np.isfinite(d_min), d_min, 0.0)[:, None]
     w = np.where(valid, np.exp(-(np.where(valid, d, 0.0) - d1) / (temperature * d1 + eps)), 0.0)
     same = np.zeros((nq, d.shape[1], d.shape[1]), dtype=bool)
     for j in range(d.shape[1]):  # same[i, j, l]: neighbours j and l carry the same label (k is small)
@@ -745,7 +807,7 @@ def identify(result: SearchResult, threshold: float | None, k: int = 5,
     predicted = np.where(has, lab[rows, best] if d.shape[1] else None, None)
     confidence = np.where(has, label_weight[rows, best] / np.where(total > 0, total, 1.0), 0.0) \
         if d.shape[1] else np.zeros(nq)
-    nearest = np.where(valid[:, 0], d[:, 0], np.inf) if d.shape[1] else np.full(nq, np.inf)
+    nearest = d_min
     nearest_label = np.where(valid[:, 0], lab[:, 0], None) if d.shape[1] else np.full(nq, None)
     unknown = ~has
     if threshold is not None:
@@ -760,3 +822,22 @@ def identify(result: SearchResult, threshold: float | None, k: int = 5,
         "verdict": pd.Series(list(verdict), dtype=object),
         "answer": pd.Series(list(answer), dtype=object),
     })
+
+
+# ================================================================================================ re-ranking
+
+
+def fit_pairwise_reranker(vectors: Any, labels: Any, distance: str = "euclidean",
+                          config: RerankConfig | dict | None = None) -> PairwiseReranker:
+    """Train the pairwise re-ranker (:class:`~partmatch.ml.reranking.PairwiseReranker`) on a labelled gallery:
+    each item's ``config.pairwise_neighbours`` nearest *other* items (exact search, the same distance as the
+    index it will re-rank) are its pairs, positive when they carry the same label. Train it on the known
+    (training) categories only; it then re-orders searches of any query, unseen categories included."""
+    cfg = RerankConfig.from_dict(config)
+    emb = _as_matrix("vectors", vectors)
+    lab = _as_column("labels", labels, len(emb))
+    index = GalleryIndex(emb, np.zeros(len(emb), dtype=np.int64), distance=distance,
+                         config=IndexConfig(exact_max=max(len(emb), IndexConfig().exact_max)))
+    k = min(cfg.pairwise_neighbours, max(len(emb) - 1, 1))
+    found = index.search(emb, k, exclude_positions=np.arange(len(emb)))
+    return PairwiseReranker.fit(index.vectors, lab, found.positions, distance, cfg)
