@@ -37,7 +37,8 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from partmatch.ml.retrieval import GalleryIndex, IndexConfig, check_distance
+from partmatch.ml.reranking import PairwiseReranker, RerankConfig
+from partmatch.ml.retrieval import GalleryIndex, IndexConfig, check_distance, fit_pairwise_reranker
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,15 @@ class _RecordingKNN:
     metrics rank neighbours exactly as the search pipelines do.
 
     PML passes the (raw) embeddings; the index applies ``distance`` (cosine: L2-normalised vectors). With
-    ``ref_includes_query`` (leave-one-out) each query's own row is excluded from its neighbours.
+    ``ref_includes_query`` (leave-one-out) each query's own row is excluded from its neighbours. With
+    ``rerank`` the index's top-N candidates are re-ordered (``GalleryIndex.search(rerank=..., reranker=...)``).
     """
 
-    def __init__(self, distance: str = "euclidean") -> None:
+    def __init__(self, distance: str = "euclidean", rerank: RerankConfig | None = None,
+                 reranker: PairwiseReranker | None = None) -> None:
         self.distance = distance
+        self.rerank = rerank
+        self.reranker = reranker
         self.distances: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
 
@@ -99,7 +104,7 @@ class _RecordingKNN:
         config = IndexConfig(exact_max=max(len(ref), IndexConfig().exact_max))  # metrics are always exact
         index = GalleryIndex(ref, np.zeros(len(ref), dtype=np.int64), distance=self.distance, config=config)
         exclude = np.arange(len(q)) if ref_includes_query else None
-        result = index.search(q, int(k), exclude_positions=exclude)
+        result = index.search(q, int(k), exclude_positions=exclude, rerank=self.rerank, reranker=self.reranker)
         self.distances = torch.from_numpy(result.distances).to(query.device)
         self.indices = torch.from_numpy(result.positions).to(query.device)
         return self.distances, self.indices
@@ -131,6 +136,8 @@ def retrieval_metrics(
     prefix: str = "",
     k_values: Sequence[int] = RETRIEVAL_K_VALUES,
     distance: str = "euclidean",
+    rerank: RerankConfig | dict | None = None,
+    reranker: PairwiseReranker | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of ``query_emb`` against ``gallery_emb`` (or leave-one-out within the queries).
 
@@ -147,6 +154,9 @@ def retrieval_metrics(
             the query itself is never counted as its own neighbour.
         distance: ``"euclidean"`` (L2, default), ``"cosine"`` (embeddings L2-normalised first, which
             gives the same ranking as cosine similarity) or ``"manhattan"`` (L1).
+        rerank, reranker: optional re-ranking of each query's top-N neighbours
+            (:class:`~partmatch.ml.reranking.RerankConfig`; ``reranker`` the trained pairwise head of mode
+            ``pairwise``): every metric is computed on the re-ranked order.
 
     Neighbours are searched by :class:`partmatch.ml.retrieval.GalleryIndex` (exact), handed to PML as its
     ``knn_func``: the metrics rank neighbours exactly as the search pipelines do.
@@ -209,7 +219,7 @@ def retrieval_metrics(
     # then warns that R-precision / MAP@R are wrong although k = R suffices; its "max_bin_count" gives the
     # same k (count - 1) without the spurious warning.
     k_arg: int | str = "max_bin_count" if loo and num_k == int(matches_per_query.max()) else num_k
-    knn = _RecordingKNN(distance)
+    knn = _RecordingKNN(distance, None if rerank is None else RerankConfig.from_dict(rerank), reranker)
     calculator = AccuracyCalculator(
         include=tuple(_PML_METRICS),
         k=k_arg,
