@@ -219,7 +219,8 @@ def retrieval_metrics(
     # then warns that R-precision / MAP@R are wrong although k = R suffices; its "max_bin_count" gives the
     # same k (count - 1) without the spurious warning.
     k_arg: int | str = "max_bin_count" if loo and num_k == int(matches_per_query.max()) else num_k
-    knn = _RecordingKNN(distance, None if rerank is None else RerankConfig.from_dict(rerank), reranker)
+    cfg = None if rerank is None else RerankConfig.from_dict(rerank)
+    knn = _RecordingKNN(distance, cfg, reranker) if cfg is not None and cfg.active else _RecordingKNN(distance)
     calculator = AccuracyCalculator(
         include=tuple(_PML_METRICS),
         k=k_arg,
