@@ -136,3 +136,27 @@ def test_main_module_uses_the_same_run_command():
 
     assert find_run_command("partmatch") is cli.run
     assert cli.run.name == "run" and {p.name for p in cli.run.params} >= {"pipeline", "params", "env"}
+
+
+@pytest.mark.parametrize("section", ["siamese_pretrained", "search"])
+def test_rerank_mode_names_the_dotted_key_and_the_options(section):
+    with pytest.raises(ParameterError) as err:
+        config.parse(section, {"rerank": {"mode": "k-reciprocal"}})
+    assert str(err.value).splitlines()[1] == (
+        f"  - '{section}.rerank.mode': Input should be 'none', 'qe', 'k_reciprocal' or 'pairwise' "
+        "(got 'k-reciprocal')")
+    assert config.parse(section, {}).rerank.mode == "none"  # the default keeps every number
+
+
+def test_rerank_arguments_are_checked_against_top_n():
+    with pytest.raises(ParameterError) as err:
+        config.parse("search", {"rerank": {"mode": "k_reciprocal", "k1": 30, "top_n": 20}})
+    assert str(err.value).splitlines()[1] == (
+        "  - 'search.rerank': k1 (30) cannot exceed top_n (20): the k-reciprocal sets are taken among the query's "
+        "top_n candidates (got {'mode': 'k_reciprocal', 'k1': 30, 'top_n': 20})")
+    with pytest.raises(ParameterError, match=r"'cnn.rerank': qe_n \(5\) cannot exceed top_n \(3\)"):
+        config.parse("cnn", {"rerank": {"mode": "qe", "qe_n": 5, "top_n": 3}})
+    with pytest.raises(ParameterError, match=r"'cnn.rerank.lambda_value': Input should be less than or equal to 1"):
+        config.parse("cnn", {"rerank": {"lambda_value": 2}})
+    with pytest.raises(ParameterError, match=r"'search.rerank.topn': Extra inputs .* did you mean 'top_n'\?"):
+        config.parse("search", {"rerank": {"topn": 5}})

@@ -121,6 +121,36 @@ class EdaParams(_Params):
     seed: int = 0
 
 
+class RerankParams(_Params):
+    """Re-ranking of each query's top-N neighbours (``<model>.rerank`` for evaluation, ``search.rerank`` for the
+    search pipelines; same fields as ``partmatch.ml.reranking.RerankConfig``). ``mode: none`` keeps every number."""
+
+    mode: Literal["none", "qe", "k_reciprocal", "pairwise"] = "none"
+    top_n: int = Field(100, ge=1, le=10_000)
+    qe_n: int = Field(2, ge=1)
+    qe_alpha: float = Field(3.0, ge=0)
+    k1: int = Field(20, ge=1)
+    k2: int = Field(6, ge=1)
+    lambda_value: float = Field(0.3, ge=0, le=1)
+    pairwise_neighbours: int = Field(20, ge=1)
+    pairwise_hidden: int = Field(128, ge=1)
+    pairwise_epochs: int = Field(5, ge=1)
+    pairwise_lr: float = Field(1e-3, gt=0, lt=1)
+    pairwise_batch_size: int = Field(512, ge=1)
+    pairwise_max_anchors: int = Field(3000, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _within_top_n(self) -> RerankParams:
+        if self.mode == "qe" and self.qe_n > self.top_n:
+            raise ValueError(f"qe_n ({self.qe_n}) cannot exceed top_n ({self.top_n}): the query is expanded with "
+                             "its nearest candidates")
+        if self.mode == "k_reciprocal" and self.k1 > self.top_n:
+            raise ValueError(f"k1 ({self.k1}) cannot exceed top_n ({self.top_n}): the k-reciprocal sets are taken "
+                             "among the query's top_n candidates")
+        return self
+
+
 # Feature sizes of the registered pretrained backbones (partmatch.ml.backbones), for checks before any work.
 _BACKBONE_FEATURES = {"efficientnet_lite0": 1280, "resnet18": 512}
 
@@ -194,6 +224,8 @@ class TrainingParams(_Params):
     # sizes where bf16 was checked against fp32 (partmatch.ml.backbones.resolve_precision)
     backbone_precision: Literal["auto", "fp32", "bf16"] = "auto"
     distributed: DistributedParams = Field(default_factory=DistributedParams)
+    # evaluation: retrieval metrics also after re-ranking (rerank_<mode>_* keys); none = only the plain ones
+    rerank: RerankParams = Field(default_factory=RerankParams)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:
@@ -262,6 +294,7 @@ class SearchParams(_Params):
     thumbnail_px: int = Field(112, ge=16, le=512)
     new_part_reference_share: float = Field(0.5, gt=0, lt=1)
     index: IndexParams = Field(default_factory=IndexParams)
+    rerank: RerankParams = Field(default_factory=RerankParams)
 
     @field_validator("remove", mode="before")
     @classmethod

@@ -421,6 +421,32 @@ def test_evaluate_embeddings_keys_values_and_determinism():
     assert sorted(r1) == sorted(RETRIEVAL_KEYS + PAIR_KEYS)  # no open set -> no open_set_ keys
 
 
+@pytest.mark.parametrize("mode", ["qe", "k_reciprocal", "pairwise"])
+def test_evaluate_embeddings_with_rerank_adds_reranked_keys_and_keeps_the_plain_ones(mode):
+    rng = np.random.default_rng(4)
+    train, ytr = clusters(n_classes=4, per_class=8, seed=1)
+    test, yte = clusters(n_classes=4, per_class=5, seed=2)
+    open_x, yo = clusters(n_classes=3, per_class=6, seed=3, offset=100.0)
+    train = train + rng.normal(scale=3.0, size=train.shape).astype(np.float32)  # overlapping: re-ranking matters
+    test = test + rng.normal(scale=3.0, size=test.shape).astype(np.float32)
+    cfg = {"mode": mode, "top_n": 12, "k1": 5, "k2": 2, "qe_n": 3, "pairwise_epochs": 3, "pairwise_neighbours": 8}
+    plain = E.evaluate_embeddings(train, ytr, test, yte, open_x, yo, threshold=2.0, seed=11, n_pairs=200)
+    res = E.evaluate_embeddings(train, ytr, test, yte, open_x, yo, threshold=2.0, seed=11, n_pairs=200, rerank=cfg)
+    extra = [f"rerank_{mode}_{k}" for k in RETRIEVAL_KEYS] + [f"open_set_rerank_{mode}_{k}" for k in RETRIEVAL_KEYS]
+    assert sorted(res) == sorted([*plain, *extra])
+    assert {k: res[k] for k in plain} == plain
+    reranker = None
+    if mode == "pairwise":  # trained on the gallery (train split) only
+        from partmatch.ml.retrieval import fit_pairwise_reranker
+
+        reranker = fit_pairwise_reranker(train, ytr, "euclidean", cfg)
+    closed = E.retrieval_metrics(test, yte, train, ytr, rerank=cfg, reranker=reranker)
+    opened = E.retrieval_metrics(open_x, yo, rerank=cfg, reranker=reranker)
+    for k in RETRIEVAL_KEYS:
+        assert res[f"rerank_{mode}_{k}"] == closed[k]
+        assert res[f"open_set_rerank_{mode}_{k}"] == opened[k]
+
+
 def test_evaluate_embeddings_empty_and_degenerate_open_set():
     train, ytr = clusters(seed=1)
     test, yte = clusters(per_class=3, seed=2)

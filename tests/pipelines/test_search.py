@@ -130,6 +130,10 @@ def test_parameters_file_matches_the_model():
     from partmatch.ml.retrieval import IndexConfig
 
     assert IndexConfig.from_dict(p.index.model_dump()) == IndexConfig()
+    from partmatch.ml.reranking import RerankConfig
+
+    assert set(raw["search"]["rerank"]) == set(config.RerankParams.model_fields)
+    assert RerankConfig.from_dict(p.rerank.model_dump()) == RerankConfig()  # mode none: plain search
 
 
 # ---------------------------------------------------------------------------------------------------- index
@@ -210,6 +214,25 @@ def test_known_parts_are_named_and_an_absent_part_is_unknown_at_the_threshold(in
     loose = nodes.identify_query_photos(bundle, gallery, card, queries_in(q / "Wishbone"),
                                         {**SEARCH, "threshold": 50.0})
     assert loose.iloc[0]["verdict"] == "known" and loose.iloc[0]["answer"] in CATALOGUE
+
+
+@pytest.mark.parametrize("mode", ["qe", "k_reciprocal", "pairwise"])
+def test_search_with_reranking_names_known_parts_and_rejects_the_absent_one(index, bundle, tmp_path, mode):
+    """search.rerank re-orders the top-N; on the separable catalogue every known part keeps its name, the absent
+    part stays unknown (the threshold applies to the nearest true distance), an exact copy stays first at 0."""
+    gallery, card = index
+    q = tmp_path / "q"
+    for name, kind in CATALOGUE.items():
+        save_jpeg(make_photo(kind, seed=999 + kind), q / name / "fresh.jpg")
+    save_jpeg(cross_photo(seed=50), q / "Wishbone" / "x.jpg")
+    search = {**SEARCH, "rerank": {"mode": mode, "top_n": 10, "k1": 4, "k2": 2, "pairwise_epochs": 3}}
+    table = nodes.identify_query_photos(bundle, gallery, card, queries_in(q), search).set_index("query")
+    plain = nodes.identify_query_photos(bundle, gallery, card, queries_in(q), SEARCH).set_index("query")
+    for name in CATALOGUE:
+        assert table.loc[f"{name}/fresh.jpg", "answer"] == name
+        assert table.loc[f"{name}/fresh.jpg", "nearest_distance"] == pytest.approx(
+            plain.loc[f"{name}/fresh.jpg", "nearest_distance"], rel=1e-6)
+    assert table.loc["Wishbone/x.jpg", "verdict"] == UNKNOWN
 
 
 def test_hostile_query_folder_is_answered_without_losing_the_good_photos(index, bundle, tmp_path):
@@ -384,7 +407,13 @@ def test_open_set_rejection_and_new_parts_on_the_models_split(bundle):
     assert metrics["new_parts_reference_photos"] == 3 and metrics["new_parts_queries"] == 3
     assert metrics["new_parts_unknown_before_adding"] == 1.0 and metrics["new_parts_top1_accuracy"] == 1.0
     assert metrics["known_top1_accuracy_after_adding"] == 1.0
+    assert "known_top1_accuracy_reranked" not in metrics  # rerank none: nothing more
     json.dumps(metrics)
+    _, _, reranked = nodes.measure_open_set_rejection(bundle, emb, split_index,
+                                                      {**SEARCH, "rerank": {"mode": "qe", "top_n": 5}})
+    assert reranked["rerank"] == "qe" and reranked["known_top1_accuracy_reranked"] == 1.0
+    assert reranked["new_parts_top1_accuracy_reranked"] == 1.0
+    assert {k: v for k, v in reranked.items() if k in metrics} == metrics  # the plain numbers stay
     curve, figure, skipped = nodes.measure_open_set_rejection(bundle, emb[:18], split_index.iloc[:18], SEARCH)
     assert curve.empty and "no unseen categories" in skipped["skipped"] and figure.texts  # reported, not a crash
     with pytest.raises(ValueError, match="Re-run kedro run --pipeline=siamese_pretrained"):

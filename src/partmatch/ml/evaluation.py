@@ -654,6 +654,7 @@ def evaluate_embeddings(
     seed: int,
     n_pairs: int = 2000,
     distance: str = "euclidean",
+    rerank: RerankConfig | dict | None = None,
 ) -> dict[str, float]:
     """All embedding metrics of one model.
 
@@ -667,11 +668,31 @@ def evaluate_embeddings(
 
     ``distance`` ("euclidean", "cosine" or "manhattan") is used for retrieval and pair distances alike;
     ``threshold`` must have been chosen with the same distance. Deterministic for a given ``seed``.
+
+    With ``rerank`` (a :class:`~partmatch.ml.reranking.RerankConfig` whose mode is not ``none``) the retrieval
+    metrics are computed again on the re-ranked neighbours, keys ``rerank_<mode>_<key>`` (closed set) and
+    ``open_set_rerank_<mode>_<key>`` (open set); the plain keys keep their values. The ``pairwise`` re-ranker is
+    trained on the gallery (``train_emb``: the training categories) and applied to both sets.
     """
     out = retrieval_metrics(test_emb, test_labels, train_emb, train_labels, distance=distance)
     out |= _pair_metrics_or_nan(test_emb, test_labels, n_pairs, seed, threshold, distance, prefix="")
+    cfg = None if rerank is None else RerankConfig.from_dict(rerank)
+    reranker = None
+    if cfg is not None and cfg.active:
+        if cfg.mode == "pairwise":
+            reranker = fit_pairwise_reranker(train_emb, train_labels, distance, cfg)
+        out |= retrieval_metrics(test_emb, test_labels, train_emb, train_labels, distance=distance,
+                                 prefix=rerank_prefix(cfg.mode), rerank=cfg, reranker=reranker)
     if _is_empty(open_emb) or _is_empty(open_labels):
         return out
     out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX, distance=distance)
     out |= _pair_metrics_or_nan(open_emb, open_labels, n_pairs, seed, threshold, distance, prefix=OPEN_SET_PREFIX)
+    if cfg is not None and cfg.active:
+        out |= retrieval_metrics(open_emb, open_labels, prefix=OPEN_SET_PREFIX + rerank_prefix(cfg.mode),
+                                 distance=distance, rerank=cfg, reranker=reranker)
     return out
+
+
+def rerank_prefix(mode: str) -> str:
+    """Key prefix of the retrieval metrics after re-ranking with ``mode`` (``rerank_qe_`` ...)."""
+    return f"rerank_{mode}_"

@@ -403,7 +403,8 @@ def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p:
     metrics = evaluation.evaluate_embeddings(
         emb[rows["train"]], y[rows["train"]], emb[rows["test"]], y[rows["test"]],
         emb[rows["open"]] if len(rows["open"]) else None, codes[rows["open"]] if len(rows["open"]) else None,
-        threshold=bundle["threshold"], seed=p.seed, n_pairs=p.eval_pairs, distance=bundle.get("distance", "euclidean"))
+        threshold=bundle["threshold"], seed=p.seed, n_pairs=p.eval_pairs, distance=bundle.get("distance", "euclidean"),
+        rerank=p.rerank.model_dump())
     unknown_threshold = bundle.get("unknown_threshold")
     if len(rows["test"]) and len(rows["open"]) and unknown_threshold is not None:
         metrics.update(rejection_metrics(emb[rows["train"]], split_index["label"].to_numpy()[rows["train"]],

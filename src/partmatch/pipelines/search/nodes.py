@@ -26,7 +26,8 @@ from partmatch.datasets import ImageSource
 from partmatch.ml import evaluation, plots, workflow
 from partmatch.ml.training import resolve_device
 from partmatch.ml.inference import Embedder
-from partmatch.ml.retrieval import UNKNOWN, GalleryIndex, IndexConfig, identify
+from partmatch.ml.reranking import PairwiseReranker, RerankConfig
+from partmatch.ml.retrieval import UNKNOWN, GalleryIndex, IndexConfig, fit_pairwise_reranker, identify
 from partmatch.reports import search_report_html, thumbnail_data_uri
 
 from .datasets import QueryPhotos
@@ -61,6 +62,20 @@ def _embedder(model: dict, p: config.SearchParams) -> Embedder:
 
 def _index_config(p: config.SearchParams) -> IndexConfig:
     return IndexConfig.from_dict(p.index.model_dump())
+
+
+def _rerank_config(p: config.SearchParams) -> RerankConfig:
+    return RerankConfig.from_dict(p.rerank.model_dump())
+
+
+def _reranker(index: GalleryIndex, cfg: RerankConfig) -> PairwiseReranker | None:
+    """The pairwise re-ranker of ``search.rerank.mode: pairwise``, trained on the index's own labelled vectors
+    (its part names' top-N neighbour lists); None for the other modes."""
+    if cfg.mode != "pairwise":
+        return None
+    reranker = fit_pairwise_reranker(index.vectors, index.labels.astype(str), index.distance, cfg)
+    logger.info("search: pairwise re-ranker trained on the index's %d photos (%s).", len(index), reranker.info)
+    return reranker
 
 
 def _now() -> str:
@@ -329,7 +344,8 @@ def identify_query_photos(model: dict, index: GalleryIndex, info: dict[str, Any]
     rows = []
     position = {q: j for j, q in enumerate(answered)}
     if answered:
-        result = index.search(emb, top_k)
+        rerank = _rerank_config(p)
+        result = index.search(emb, top_k, rerank=rerank, reranker=_reranker(index, rerank))
         verdicts = identify(result, threshold, k=vote_k).reset_index(drop=True)
         files = index.metadata.set_index("id")["file"] if "file" in index.metadata else None
     for photo, err in zip(queries.photos, errors, strict=True):
@@ -467,6 +483,19 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
     index.add(emb[refs], labels[refs], [str(i) for i in refs])
     res_new = index.search(emb[new_q], k) if len(new_q) else None
     res_known_after = index.search(emb[known_q], k)
+    rerank = _rerank_config(p)
+    # the top-1 answers on the enlarged index again after re-ranking (the rejection curve stays the plain search's)
+    if rerank.active:
+        reranker = _reranker(index, rerank)
+        known_rr = index.search(emb[known_q], k, rerank=rerank, reranker=reranker)
+        rerank_metrics = {"rerank": rerank.mode, "known_top1_accuracy_reranked":
+                          float((known_rr.labels[:, 0].astype(str) == labels[known_q]).mean())}
+        if len(new_q):
+            new_rr = index.search(emb[new_q], k, rerank=rerank, reranker=reranker)
+            rerank_metrics["new_parts_top1_accuracy_reranked"] = float(
+                (new_rr.labels[:, 0].astype(str) == labels[new_q]).mean())
+    else:
+        rerank_metrics = {}
     at_threshold = {"fmr": "fmr_at_threshold", "fnmr": "fnmr_at_threshold",
                     "unknown_rejected": "unknown_rejected_at_threshold",
                     "known_identified": "known_identified_at_threshold",
@@ -485,6 +514,7 @@ def measure_open_set_rejection(model: dict, embeddings: np.ndarray, split_index:
         "threshold_at_eer": float(curve["threshold"].iloc[int(np.argmin(np.abs(curve["fmr"] - curve["fnmr"])))]),
         "new_parts_reference_photos": int(len(refs)), "new_parts_queries": int(len(new_q)),
         "known_top1_accuracy_after_adding": float((res_known_after.labels[:, 0].astype(str) == labels[known_q]).mean()),
+        **rerank_metrics,
     }
     if res_new is not None:
         vote_new = identify(res_new, threshold, k=k)
