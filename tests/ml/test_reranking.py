@@ -94,6 +94,10 @@ def test_alpha_qe_only_reorders_the_top_n():
     rr = index.search(q, 7, rerank=RerankConfig(mode="qe", top_n=7, qe_n=3))
     for i in range(len(q)):
         assert sorted(rr.positions[i]) == sorted(plain.positions[i])
+    # deeper than top_n: the first top_n re-ordered, the rest in the first stage's order after them
+    deep = index.search(q, 12, rerank=RerankConfig(mode="qe", top_n=7, qe_n=3))
+    np.testing.assert_array_equal(deep.positions[:, :7], rr.positions)
+    np.testing.assert_array_equal(deep.positions[:, 7:], index.search(q, 12).positions[:, 7:])
 
 
 # ========================================================================================== k-reciprocal

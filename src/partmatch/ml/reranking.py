@@ -49,7 +49,8 @@ class RerankConfig:
 
     Attributes:
         mode: ``none`` | ``qe`` | ``k_reciprocal`` | ``pairwise``.
-        top_n: candidates of the first stage re-ordered (at least the ``k`` asked for).
+        top_n: candidates of the first stage re-ordered (a search for more than ``top_n`` neighbours returns
+            the deeper ones after them, in the first stage's order).
         qe_n: alpha-QE: nearest candidates averaged into the query (the paper's ``n``).
         qe_alpha: alpha-QE: weight exponent (``alpha``; 0 = plain average query expansion).
         k1, k2, lambda_value: k-reciprocal (the paper's ``k1``, ``k2``, ``lambda``; its defaults 20, 6, 0.3).
@@ -115,7 +116,7 @@ class RerankConfig:
         return self.mode != "none"
 
     def candidates(self, k: int) -> int:
-        """How deep the first stage searches for ``k`` re-ranked results."""
+        """How deep the first stage searches for ``k`` results (``top_n`` of them re-ordered)."""
         return max(int(k), self.top_n) if self.active else int(k)
 
 
@@ -209,7 +210,7 @@ def k_reciprocal_local(dist: np.ndarray, k1: int, k2: int, lambda_value: float,
     fwd_half = _top_mask(rank, half + 1, m) & pair_ok
     recip_half = fwd_half & fwd_half.transpose(0, 2, 1)  # R(c, k1/2)
     rf, rhf = recip.astype(np.float32), recip_half.astype(np.float32)
-    inter = np.einsum("bij,bcj->bic", rf, rhf)  # |R(i, k1) & R(c, k1/2)|
+    inter = np.einsum("bij,bcj->bic", rf, rhf)  # |R(i, k1) & R(c, k1/2)| (einsum: faster than matmul here)
     size_half = rhf.sum(axis=2)  # |R(c, k1/2)|
     add = recip & (inter > (2.0 / 3.0) * size_half[:, None, :])  # candidates c of R(i, k1) whose set joins
     expansion = recip | (np.einsum("bic,bcj->bij", add.astype(np.float32), rhf) > 0)

@@ -454,9 +454,11 @@ class GalleryIndex:
                 looks ``k + m`` deep (m = most exclusions of a query) and drops them.
             exclude_positions: the same by gallery position, (Nq,) or (Nq, m) int (-1 = none).
             rerank: optional :class:`~partmatch.ml.reranking.RerankConfig` (or its dict): the engine returns the
-                ``top_n`` nearest candidates (at least ``k``) and the re-ranker (``qe``, ``k_reciprocal`` or
-                ``pairwise``) re-orders them; the first ``k`` of the new order are returned, each with its true
-                distance to the query (so the distances are no longer sorted). ``mode: none`` = plain search.
+                ``max(k, top_n)`` nearest candidates, the re-ranker (``qe``, ``k_reciprocal`` or ``pairwise``)
+                re-orders the first ``top_n`` (deeper ones follow in the engine's order, as open-metric-learning's
+                re-rankers do: the cost stays bounded by ``top_n`` whatever ``k``); the first ``k`` are returned,
+                each with its true distance to the query (so the distances are no longer sorted). ``mode: none`` =
+                plain search.
             reranker: the trained :class:`~partmatch.ml.reranking.PairwiseReranker` of ``mode: pairwise``
                 (:func:`fit_pairwise_reranker`).
 
@@ -518,7 +520,9 @@ class GalleryIndex:
                                  f"holds {self.dim}-dimensional ones; train it on this model's embeddings")
         first = self.search(queries, cfg.candidates(k), exclude_ids, exclude_positions=exclude_positions)
         q = self._prepare(_as_matrix("queries", queries, dim=self.dim, allow_empty=True))
-        pos, dist = first.positions, first.distances.astype(np.float64)
+        # only the first top_n are re-ordered; deeper ones (k > top_n) keep the first stage's order after them
+        pos_all, dist_all = first.positions, first.distances.astype(np.float64)
+        pos, dist = pos_all[:, :cfg.top_n], dist_all[:, :cfg.top_n]
         valid = pos >= 0
         score = np.full(pos.shape, np.inf)
         chunk = max(1, _RERANK_CHUNK // (max(1, pos.shape[1]) * self.dim))
@@ -535,8 +539,8 @@ class GalleryIndex:
                 score[s:s + chunk] = reranker.rerank_distances(q[s:s + chunk], cand, ok)
         score = np.where(valid, score, np.inf)
         order = np.argsort(score, axis=1, kind="stable")  # ties keep the first stage's order; padding last
-        pos = np.take_along_axis(pos, order, axis=1)[:, :k]
-        dist = np.take_along_axis(dist, order, axis=1)[:, :k]
+        pos = np.concatenate([np.take_along_axis(pos, order, axis=1), pos_all[:, cfg.top_n:]], axis=1)[:, :k]
+        dist = np.concatenate([np.take_along_axis(dist, order, axis=1), dist_all[:, cfg.top_n:]], axis=1)[:, :k]
         return self._result(pos, dist, k)
 
     # ------------------------------------------------------------------ add / remove
