@@ -133,9 +133,9 @@ class RerankParams(_Params):
     k2: int = Field(6, ge=1)
     lambda_value: float = Field(0.3, ge=0, le=1)
     pairwise_neighbours: int = Field(20, ge=1)
-    pairwise_hidden: int = Field(128, ge=1)
-    pairwise_epochs: int = Field(5, ge=1)
-    pairwise_lr: float = Field(1e-3, gt=0, lt=1)
+    pairwise_hidden: int = Field(16, ge=1)
+    pairwise_epochs: int = Field(2, ge=1)
+    pairwise_lr: float = Field(3e-4, gt=0, lt=1)
     pairwise_batch_size: int = Field(512, ge=1)
     pairwise_max_anchors: int = Field(3000, ge=1)
     seed: int = 0

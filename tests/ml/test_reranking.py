@@ -255,6 +255,19 @@ def test_pairwise_training_pairs_are_the_top_n_lists():
     assert reranker.info["positives"] == int((lab[nearest] == lab[:, None]).sum())
 
 
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_untrained_pairwise_head_ranks_as_the_first_stage(distance):
+    """The head is bias - scale * d + MLP with the MLP's last layer at zero: with nothing to learn (every label
+    distinct: no positive pair) it stays untrained and the re-ranked order is the plain one."""
+    rng = np.random.default_rng(8)
+    g, q = rng.normal(size=(30, 5)), rng.normal(size=(4, 5))
+    reranker = fit_pairwise_reranker(g, np.arange(30), distance, {"mode": "pairwise", "pairwise_neighbours": 5})
+    assert reranker.info["trained"] == 0 and reranker.info["positives"] == 0
+    index = GalleryIndex(g, np.arange(30), distance=distance)
+    rr = index.search(q, 10, rerank={"mode": "pairwise", "top_n": 10}, reranker=reranker)
+    np.testing.assert_array_equal(rr.positions, index.search(q, 10).positions)
+
+
 def test_pairwise_bundle_is_plain_tensors_and_round_trips():
     x, lab = noisy_classes(4, 10, seed=3)
     cfg = RerankConfig(mode="pairwise", pairwise_neighbours=5, pairwise_epochs=2)

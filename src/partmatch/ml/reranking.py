@@ -18,9 +18,10 @@ The first stage (:class:`partmatch.ml.retrieval.GalleryIndex`: exact, HNSW or IV
   ``d`` the distances divided by each row's maximum as in the authors' code (squared L2 for the euclidean and
   cosine distances, as there; L1 for manhattan) (:func:`k_reciprocal_distances`).
 * ``pairwise`` -- a **learned pairwise re-ranker** (the Siamese network as a second stage, as
-  open-metric-learning's ``PairwiseReranker``): a small MLP on ``[|a - b|, a * b]`` of a (query, candidate)
-  pair scores "same part", trained with binary cross-entropy on the gallery's own top-N neighbour lists
-  (positives = same category); candidates are ordered by that score (:class:`PairwiseReranker`).
+  open-metric-learning's ``PairwiseReranker``): a (query, candidate) pair scores "same part" as a learned
+  correction of the first-stage distance, ``bias - scale * d + MLP([|a - b|, a * b])``, trained with binary
+  cross-entropy on the gallery's own top-N neighbour lists (positives = same category); candidates are ordered
+  by that score (:class:`PairwiseReranker`).
 
 Every function here works on arrays (no index, no Kedro); :meth:`GalleryIndex.search` gathers the candidates'
 vectors and applies them. The re-ranked result keeps each candidate's true distance to the query (so the
@@ -69,9 +70,9 @@ class RerankConfig:
     k2: int = 6
     lambda_value: float = 0.3
     pairwise_neighbours: int = 20
-    pairwise_hidden: int = 128
-    pairwise_epochs: int = 5
-    pairwise_lr: float = 1e-3
+    pairwise_hidden: int = 16
+    pairwise_epochs: int = 2
+    pairwise_lr: float = 3e-4
     pairwise_batch_size: int = 512
     pairwise_max_anchors: int = 3000
     seed: int = 0
@@ -252,16 +253,24 @@ def k_reciprocal_distances(queries: np.ndarray, candidates: np.ndarray, valid: n
 
 
 class PairwiseHead(torch.nn.Module):
-    """Scores a (query, candidate) pair: MLP on ``[|a - b|, a * b]`` -> one logit ("same part")."""
+    """Scores a (query, candidate) pair, one logit ("same part"): a correction learned over the first stage,
+    ``bias - scale * d(a, b) + MLP([|a - b|, a * b])`` with ``d`` the index's distance (L1 for manhattan, else
+    L2) and the MLP's last layer starting at zero -- untrained, the head ranks exactly as the first stage."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, norm: float = 2.0) -> None:
         super().__init__()
-        self.dim, self.hidden = int(dim), int(hidden)
+        self.dim, self.hidden, self.norm = int(dim), int(hidden), float(norm)
         self.net = torch.nn.Sequential(torch.nn.Linear(2 * dim, hidden), torch.nn.ReLU(),
                                        torch.nn.Linear(hidden, 1))
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+        self.log_scale = torch.nn.Parameter(torch.zeros(()))
+        self.bias = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([(a - b).abs(), a * b], dim=-1)).squeeze(-1)
+        diff = a - b
+        d = torch.linalg.vector_norm(diff, ord=self.norm, dim=-1)
+        return self.bias - self.log_scale.exp() * d + self.net(torch.cat([diff.abs(), a * b], dim=-1)).squeeze(-1)
 
 
 class PairwiseReranker:
@@ -303,7 +312,7 @@ class PairwiseReranker:
         n_pos = float(target.sum())
         n_neg = float(len(target) - n_pos)
         torch.manual_seed(config.seed)
-        head = PairwiseHead(vec.shape[1], config.pairwise_hidden)
+        head = PairwiseHead(vec.shape[1], config.pairwise_hidden, 1.0 if distance == "manhattan" else 2.0)
         info = {"pairs": int(len(target)), "positives": int(n_pos), "anchors": int(len(anchors)),
                 "epochs": int(config.pairwise_epochs)}
         if len(target) == 0 or n_pos == 0 or n_neg == 0:
@@ -312,6 +321,11 @@ class PairwiseReranker:
         va = torch.from_numpy(vec)
         t = torch.from_numpy(target)
         ai, bi = torch.from_numpy(a_idx), torch.from_numpy(b_idx)
+        with torch.no_grad():  # start from the standardised first-stage distance: logit = (mean - d) / std
+            d = torch.linalg.vector_norm(va[ai] - va[bi], ord=head.norm, dim=-1)
+            std = float(d.std()) if len(d) > 1 and float(d.std()) > 0 else 1.0
+            head.log_scale.fill_(-math.log(std))
+            head.bias.fill_(float(d.mean()) / std)
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(n_neg / n_pos))
         opt = torch.optim.Adam(head.parameters(), lr=config.pairwise_lr)
         gen = torch.Generator().manual_seed(config.seed)
@@ -351,7 +365,7 @@ class PairwiseReranker:
     def to_bundle(self) -> dict[str, Any]:
         """Plain tensors, strings and numbers only (``torch.load(weights_only=True)`` safe)."""
         return {"format": PAIRWISE_FORMAT, "format_version": PAIRWISE_FORMAT_VERSION, "distance": self.distance,
-                "dim": self.head.dim, "hidden": self.head.hidden,
+                "dim": self.head.dim, "hidden": self.head.hidden, "norm": self.head.norm,
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
                 "info": {k: v for k, v in self.info.items() if isinstance(v, int | float | str)}}
 
@@ -362,7 +376,7 @@ class PairwiseReranker:
         if bundle.get("format_version") != PAIRWISE_FORMAT_VERSION:
             raise ValueError(f"pairwise re-ranker format version {bundle.get('format_version')}, this partmatch "
                              f"reads {PAIRWISE_FORMAT_VERSION}")
-        head = PairwiseHead(int(bundle["dim"]), int(bundle["hidden"]))
+        head = PairwiseHead(int(bundle["dim"]), int(bundle["hidden"]), float(bundle["norm"]))
         head.load_state_dict(bundle["state_dict"])
         return cls(head, str(bundle["distance"]), bundle.get("info"))
 
