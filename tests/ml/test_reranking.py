@@ -284,6 +284,18 @@ def test_pairwise_bundle_is_plain_tensors_and_round_trips():
     np.testing.assert_array_equal(again.scores(x[:3], cand, ok), reranker.scores(x[:3], cand, ok))
 
 
+def test_pairwise_reranker_file_round_trip(tmp_path):
+    x, lab = noisy_classes(4, 10, seed=4)
+    reranker = fit_pairwise_reranker(x, lab, "manhattan", {"mode": "pairwise", "pairwise_epochs": 2})
+    reranker.save(tmp_path / "sub" / "reranker.pt")
+    loaded = PairwiseReranker.load(tmp_path / "sub" / "reranker.pt")
+    assert loaded.distance == "manhattan" and loaded.head.norm == 1.0 and loaded.info == reranker.info
+    cand, ok = np.stack([x[:6]] * 2), np.ones((2, 6), bool)
+    np.testing.assert_array_equal(loaded.scores(x[:2], cand, ok), reranker.scores(x[:2], cand, ok))
+    with pytest.raises(ValueError, match="not a partmatch pairwise re-ranker"):
+        PairwiseReranker.from_bundle({"format": "other"})
+
+
 def test_pairwise_needs_a_reranker_of_the_right_size():
     index = GalleryIndex(np.eye(3), ["a", "b", "c"])
     with pytest.raises(ValueError, match="needs a trained re-ranker"):

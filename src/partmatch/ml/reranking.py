@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -388,3 +389,16 @@ class PairwiseReranker:
     @classmethod
     def from_bytes(cls, data: bytes) -> PairwiseReranker:
         return cls.from_bundle(torch.load(io.BytesIO(data), weights_only=True))
+
+    def save(self, path: str | Path) -> None:
+        """:meth:`to_bytes` written to ``path`` (parent folders created; through a temporary file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PairwiseReranker:
+        """Read a :meth:`save` file (``torch.load(weights_only=True)``: no pickled code runs)."""
+        return cls.from_bytes(Path(path).read_bytes())
