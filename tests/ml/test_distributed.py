@@ -242,3 +242,35 @@ def test_one_distributed_step_gives_the_single_process_gradients():
 
 def _gradients_of(losses: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
     return {loss: _one_step_gradients(loss) for loss in losses}
+
+
+class _RngAtEpochEnd(Hook):
+    def __init__(self):
+        self.states = []
+
+    def on_epoch_end(self, trainer, record, improved):
+        self.states.append(torch.get_rng_state())
+
+
+def _augmented_fit_rng_states(_: None) -> list[torch.Tensor]:
+    """A distributed fit with augmentation on slices of unequal size (15 images over 2 ranks: 8 + 7)."""
+    from partmatch.ml.objectives import build_objective
+    from partmatch.ml.training import TrainConfig, fit
+    from tests.ml.test_engine import small_model, toy_images
+
+    hook = _RngAtEpochEnd()
+    fit(small_model(), build_objective("contrastive", {"m_per_class": 5}, 4, 8), toy_images(15), None,
+        TrainConfig(epochs=2, batch_size=15, device="cpu", progress=False, patience=None, augment=True), hooks=[hook])
+    return hook.states
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_augmentation_on_unequal_slices_keeps_every_rank_on_the_same_random_stream():
+    """The shared generator draws the global batch's random pairs; each rank augments its own slice (8 or 7 images)
+    from a stream of its own, so the shared one stays identical on every rank."""
+    states = distributed.launch(_augmented_fit_rng_states, None,
+                                distributed.DistributedConfig(nproc_per_node=2, timeout_s=60), torch.device("cpu"))
+    assert len(states[0]) == len(states[1]) == 2
+    for a, b in zip(states[0], states[1], strict=True):
+        assert torch.equal(a, b)

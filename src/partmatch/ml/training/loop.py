@@ -229,8 +229,14 @@ class Trainer:
                    disable=not config.progress or not distributed.is_main(), dynamic_ncols=True)
         for b, idx in enumerate(bar, start=1):
             shard = distributed.Shard(len(idx), self.rank, self.world) if self.world > 1 else None
-            images, _ = train.batch(idx if shard is None else shard.local(idx), device, augment=self.augment,
-                                    mean=config.mean, std=config.std)
+            if shard is None or not self.augment:
+                images, _ = train.batch(idx, device, augment=self.augment, mean=config.mean, std=config.std)
+            else:  # each rank augments its slice from its own seeded stream: the shared generator (random pairs /
+                # triplets of the global batch) must stay identical on every rank, whatever the slice sizes
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((config.seed, epoch, b, self.rank)) % 2**63)
+                    images, _ = train.batch(shard.local(idx), device, augment=self.augment, mean=config.mean,
+                                            std=config.std)
             labels = train.labels.index_select(0, torch.as_tensor(np.asarray(idx), dtype=torch.int64)).to(
                 device, non_blocking=True)
             if self.channels_last and images.ndim == 4:
