@@ -94,7 +94,6 @@ class _Fail(Hook):
 
 def _fit_with_fault(fault: _Fail) -> dict:
     """One process of a distributed fit (study trunk, contrastive) with ``fault`` as an extra hook."""
-    from partmatch.ml.data import InMemoryImages
     from partmatch.ml.objectives import build_objective
     from partmatch.ml.training import TrainConfig, fit
     from tests.ml.test_engine import small_model, toy_images

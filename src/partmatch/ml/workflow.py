@@ -24,11 +24,11 @@ import torch
 from partmatch.config import TrainingParams
 from partmatch.ml import evaluation
 from partmatch.ml.data import InMemoryFeatures, InMemoryImages
-from partmatch.ml.training import TrainConfig, distributed, fit, resolve_device, seed_everything
 from partmatch.ml.inference import Embedder, apply_head, embed_images
 from partmatch.ml.models import build_model, model_spec
-from partmatch.ml.retrieval import GalleryIndex
 from partmatch.ml.objectives import BaseObjective, SimilarityPreservingObjective, build_objective
+from partmatch.ml.retrieval import GalleryIndex
+from partmatch.ml.training import TrainConfig, distributed, fit, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
