@@ -73,7 +73,8 @@ def test_yaml_values_still_pass():
     assert set(parsed) == set(params)
     assert parsed["ingestion"].min_images_per_class == params["ingestion"]["min_images_per_class"]
     assert type(parsed["split"].seed) is int
-    assert config.parse("cnn", {"margin": 2}).margin == 2.0
+    margin = config.parse("cnn", {"margin": 2}).loss["parts"][0]["args"]["margin"]   # old flat key, translated
+    assert margin == 2.0 and type(margin) is float
     assert config.parse("split", {"seed": "7"}).seed == 7   # a quoted number from YAML is still a number
 
 

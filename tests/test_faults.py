@@ -233,7 +233,7 @@ for i, k in enumerate(labels):
     images[i, 0, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 220
 seed_everything(1)
 model = build_model("embedding", num_classes=4, embedding_dim=8, in_channels=1, image_size=16, channels=(4, 8))
-objective = build_objective("contrastive+proxy_anchor", {"contrastive": {"m_per_class": 4}}, 4, 8)
+objective = build_objective("contrastive+proxy_anchor", {"m_per_class": 4}, 4, 8)
 
 where = {"epoch": 0, "batch": 0}
 batches, loss = objective.batches, objective.loss

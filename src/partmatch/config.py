@@ -181,13 +181,18 @@ class TrainingParams(_Params):
     """Hyper-parameters of one model pipeline (``conf/base/parameters_<pipeline>.yml`` under its name)."""
 
     task: Literal["classifier", "embedding"] = "embedding"
-    loss: Literal["cross_entropy", "contrastive", "triplet", "proxy_anchor", "contrastive+proxy_anchor",
-                  "quadruplet"] = "contrastive"
-    sampling: Literal["random", "semihard", "hard"] = "semihard"
-    margin: float = Field(1.0, gt=0)
-    margin2: float = Field(0.5, gt=0)
-    proxy_weight: float = Field(1.0, ge=0)
-    proxy_lr_multiplier: float = Field(100.0, gt=0)
+    # The loss: the nested form {parts: [{name, weight, args, miner: {name, args}}]} with `sampler: {name, ...}`
+    # (partmatch.ml.losses.registry: LOSSES, MINERS, SAMPLERS), or an old name (cross_entropy, contrastive,
+    # triplet, proxy_anchor, contrastive+proxy_anchor, quadruplet) with the old flat keys below, translated once
+    # (registry.legacy_spec). After validation `loss` is always the nested form, every argument filled in, and
+    # `sampler` the sampler; the flat keys are None.
+    loss: dict[str, Any] | str = "contrastive"
+    sampler: dict[str, Any] | None = None
+    sampling: Literal["random", "semihard", "hard"] | None = None
+    margin: float | None = Field(None, gt=0)
+    margin2: float | None = Field(None, gt=0)
+    proxy_weight: float | None = Field(None, ge=0)
+    proxy_lr_multiplier: float | None = Field(None, gt=0)
     embedding_dim: int = Field(64, ge=2, le=4096)
     normalize: bool = False
     head_init: Literal["default", "identity"] = "default"
@@ -201,7 +206,7 @@ class TrainingParams(_Params):
     backbone_lr_multiplier: float = Field(0.1, gt=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=2)
-    m_per_class: int = Field(4, ge=2)
+    m_per_class: int | None = Field(None, ge=2)
     lr: float = Field(5e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     patience: int | None = Field(3, ge=1)
@@ -216,7 +221,7 @@ class TrainingParams(_Params):
     checkpoint_dir: str | None = None
     max_batches_per_epoch: int | None = Field(None, ge=1)
     progress: bool = True
-    distance: Literal["euclidean", "cosine"] = "euclidean"
+    distance: Literal["euclidean", "cosine", "manhattan"] = "euclidean"
     threshold_pairs: int = Field(4000, ge=10)
     eval_pairs: int = Field(2000, ge=10)
     eval_batch_size: int = Field(256, ge=1)
@@ -227,12 +232,65 @@ class TrainingParams(_Params):
     # evaluation: retrieval metrics also after re-ranking (rerank_<mode>_* keys); none = only the plain ones
     rerank: RerankParams = Field(default_factory=RerankParams)
 
+    @field_validator("loss", "sampler", mode="before")
+    @classmethod
+    def _loss_spec(cls, value: Any, info: ValidationInfo) -> Any:
+        from partmatch.ml.losses import registry
+
+        if value is None or isinstance(value, str):
+            return value
+        try:
+            if info.field_name == "loss":
+                return registry.validate_loss(value, "loss")
+            return registry.validate_sampler(value, "sampler")
+        except registry.SpecError as exc:
+            raise ValueError(f"@{exc.key}@ {exc.message}") from None
+
+    @model_validator(mode="after")
+    def _nested_loss(self) -> TrainingParams:
+        """The old flat form translated to the nested one (registry.legacy_spec), in this one place."""
+        from partmatch.ml.losses import registry
+
+        flat = {k: getattr(self, k) for k in registry.LEGACY_KEYS}
+        given = [k for k, v in flat.items() if v is not None]
+        try:
+            if isinstance(self.loss, str):
+                if self.sampler is not None:
+                    raise registry.SpecError("sampler", f"goes with the nested loss form; with loss: {self.loss} "
+                                                        "the batches follow m_per_class (or write loss: {parts: ...})")
+                loss, sampler = registry.legacy_spec(self.loss, flat)
+                loss, sampler = registry.validate_loss(loss, "loss"), registry.validate_sampler(sampler, "sampler")
+            else:
+                if given:
+                    raise registry.SpecError(given[0], "is a key of the old flat loss form (loss: <name>); with loss: "
+                                                       "{parts: [...]} put it in loss.parts[i].args (a margin), "
+                                                       "loss.parts[i].miner (sampling) or sampler (m)")
+                loss = self.loss
+                sampler = self.sampler if self.sampler is not None else \
+                    registry.validate_sampler(registry.default_sampler(loss), "sampler")
+        except registry.SpecError as exc:
+            raise ValueError(f"@{exc.key}@ {exc.message}") from None
+        for key, value in {"loss": loss, "sampler": sampler, **dict.fromkeys(registry.LEGACY_KEYS)}.items():
+            object.__setattr__(self, key, value)
+        return self
+
+    @property
+    def loss_name(self) -> str:
+        """``triplet``, ``multi_similarity+proxy_anchor``...: the loss in a word, for logs and run parameters."""
+        from partmatch.ml.losses import registry
+
+        return registry.describe(self.loss)
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainingParams:
-        if (self.task == "classifier") != (self.loss == "cross_entropy"):
+        from partmatch.ml.losses import registry
+
+        if (self.task == "classifier") != (registry.loss_task(self.loss) == "classifier"):
             raise ValueError("task 'classifier' goes with loss 'cross_entropy' and only with it")
-        if self.m_per_class > self.batch_size or self.batch_size % self.m_per_class:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of m_per_class ({self.m_per_class})")
+        m = self.sampler["args"].get("m")
+        if registry.SAMPLERS[self.sampler["name"]].class_balanced and (m > self.batch_size or self.batch_size % m):
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of the sampler's m ({m}, "
+                             "m_per_class in the old form)")
         if self.pretrained and self.backbone == "study_cnn":
             raise ValueError("backbone 'study_cnn' has no pretrained weights; set pretrained: false or pick "
                              "efficientnet_lite0 / resnet18")
@@ -379,6 +437,10 @@ def parse(section: str, raw: Any, model: type[_Params] | None = None) -> Any:
         for err in exc.errors():
             key = ".".join([section, *(str(p) for p in err["loc"])]) if err["loc"] else section
             given = f" (got {err['input']!r})" if err["loc"] and "input" in err and err["type"] != "missing" else ""
+            nested = re.match(r"(?:Value error, )?@([^@]+)@ (.*)", err["msg"], re.S)
+            if nested:  # a loss / sampler specification error (registry.SpecError): its own dotted key
+                lines.append(f"  - '{section}.{nested.group(1)}': {nested.group(2)}")
+                continue
             fields = _fields_at(model, err["loc"][:-1]) if err["type"] == "extra_forbidden" else []
             hint = (_did_you_mean(err["loc"][-1], fields) or f"; valid keys: {', '.join(fields)}") if fields else ""
             lines.append(f"  - '{key}': {err['msg'].removeprefix('Value error, ')}{given}{hint}")

@@ -207,7 +207,11 @@ class ModelRunsHook:
         for name, value in inputs.items():
             if name == f"params:{model}" and isinstance(value, dict):
                 # every field with its resolved value, so all models' runs have the same columns to compare
-                params.update(config.parse(model, value).model_dump())
+                parsed = config.parse(model, value)
+                params.update(parsed.model_dump())
+                if hasattr(parsed, "loss_name"):  # the loss in a word; its parts and sampler as loss_spec.* / sampler.*
+                    params["loss_spec"] = {f"parts[{i}]": part for i, part in enumerate(params["loss"]["parts"])}
+                    params["loss"] = parsed.loss_name
             elif name.startswith("params:"):
                 params[name[len("params:"):]] = value
         self.runs.run_id(model)

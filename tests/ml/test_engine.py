@@ -117,7 +117,7 @@ def test_contrastive_embedding_training_decreases_loss():
 
 def _run(tmp_path, name, epochs, resume=False, preserve=False):
     model = small_model(seed=1)
-    obj = build_objective("contrastive+proxy_anchor", {"contrastive": {"m_per_class": 4}}, 4, 8)
+    obj = build_objective("contrastive+proxy_anchor", {"m_per_class": 4}, 4, 8)
     if preserve:  # the similarity-preserving penalty against a frozen copy of the initial trunk
         obj = SimilarityPreservingObjective(obj, 5.0, copy.deepcopy(model.backbone))
     cfg = config(epochs=epochs, augment=True, checkpoint_dir=str(tmp_path / name), resume=resume)

@@ -4,8 +4,8 @@ import torch
 
 from partmatch.ml.data import class_balanced_batches, epoch_rng, shuffled_batches
 from partmatch.ml.models import build_model
+from partmatch.ml.losses import registry
 from partmatch.ml.objectives import (
-    VALID_LOSSES,
     ClassificationObjective,
     ContrastiveObjective,
     MultiObjective,
@@ -171,18 +171,32 @@ def test_objective_batches_depend_only_on_seed_and_epoch():
 # ------------------------------------------------------------------------------------ objective losses
 
 
-@pytest.mark.parametrize("name", VALID_LOSSES)
+def _spec(name: str) -> tuple[dict, dict | None]:
+    """A registered loss alone; proxy_repulsion acts on proxy_anchor's proxies, so it comes with them."""
+    parts = [{"name": name}] if name != "proxy_repulsion" else [{"name": "proxy_anchor"}, {"name": name}]
+    return {"parts": parts}, None
+
+
+@pytest.mark.parametrize("name", [*registry.LEGACY_LOSSES, *registry.LOSSES])
 def test_every_objective_gives_a_finite_differentiable_loss(name):
     torch.manual_seed(0)
     task = "classifier" if name == "cross_entropy" else "embedding"
     model = build_model(task, num_classes=4, embedding_dim=8, in_channels=1, image_size=16, channels=(2, 4))
-    obj = build_objective(name, {}, num_classes=4, embedding_dim=8)
+    if name in registry.LEGACY_LOSSES:
+        obj = build_objective(name, {}, num_classes=4, embedding_dim=8)
+    else:
+        obj = build_objective(*_spec(name), num_classes=4, embedding_dim=8)
     assert obj.task == task
     labels = torch.arange(4).repeat_interleave(4)
     loss = obj.loss(model, torch.randn(16, 1, 16, 16), labels)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # each part's weighted term is logged, and they add up to the loss
+    assert list(obj.last_terms) == obj.names
+    torch.testing.assert_close(sum(obj.last_terms.values()), loss.detach())
     loss.backward()
     grads = [p.grad for p in model.parameters()]
+    if name == "proxy_repulsion":
+        return
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     # the loss reaches every layer: each weight tensor, the first convolution's included, gets a gradient
     assert [n for n, p in model.named_parameters() if p.ndim > 1 and not p.grad.abs().sum() > 0] == []
@@ -198,29 +212,39 @@ def test_proxy_anchor_has_its_own_param_group():
 
 def test_multi_objective_is_the_weighted_sum():
     torch.manual_seed(0)
-    params = {"contrastive": {"margin": 2.0}, "proxy_anchor": {"alpha": 16}, "weights": {"proxy_anchor": 0.25}}
-    multi = build_objective("contrastive+proxy_anchor", params, num_classes=4, embedding_dim=6)
+    spec = {"parts": [{"name": "contrastive", "args": {"margin": 2.0}},
+                      {"name": "proxy_anchor", "weight": 0.25, "args": {"alpha": 16}}]}
+    multi = build_objective(spec, None, num_classes=4, embedding_dim=6)
     assert isinstance(multi, MultiObjective) and multi.weights == [1.0, 0.25]
+    assert multi.names == ["contrastive", "proxy_anchor"]
     assert len(multi.extra_parameters()) == 1
     emb, labels = torch.randn(16, 6), torch.arange(4).repeat_interleave(4)
     torch.manual_seed(1)
     total = multi.loss_from_embeddings(emb, labels)
     torch.manual_seed(1)
-    parts = multi.parts[0].loss_from_embeddings(emb, labels) + 0.25 * multi.parts[1].loss_from_embeddings(emb, labels)
-    torch.testing.assert_close(total, parts)
+    first = multi.parts[0].loss_from_embeddings(emb, labels)
+    second = 0.25 * multi.parts[1].loss_from_embeddings(emb, labels)
+    torch.testing.assert_close(total, first + second)
+    torch.testing.assert_close(multi.last_terms["contrastive"], first)
+    torch.testing.assert_close(multi.last_terms["proxy_anchor"], second)
 
 
 def test_build_objective_rejects_unknown_names_and_params():
     with pytest.raises(ValueError) as err:
         build_objective("arcface", {}, 3, 8)
-    for name in VALID_LOSSES:
+    for name in registry.LEGACY_LOSSES:
         assert name in str(err.value)
-    with pytest.raises(ValueError, match="margn"):
+    with pytest.raises(ValueError, match="margn.*did you mean 'margin'"):
         build_objective("contrastive", {"margn": 1.0}, 3, 8)
-    with pytest.raises(ValueError, match="triplet"):
-        build_objective("contrastive+proxy_anchor", {"triplet": {}}, 3, 8)
+    with pytest.raises(ValueError, match=r"loss.parts\[0\].args.margn.*did you mean 'margin'"):
+        build_objective({"parts": [{"name": "triplet", "args": {"margn": 1.0}}]}, None, 3, 8)
+    with pytest.raises(ValueError, match=r"loss.parts\[1\].miner.name.*'semihard'"):
+        build_objective({"parts": [{"name": "proxy_anchor"}, {"name": "triplet", "miner": {"name": "semihardd"}}]},
+                        None, 3, 8)
     trip = build_objective("triplet", {"margin": 0.3, "sampling": "semihard", "m_per_class": 2}, 3, 8)
-    assert (trip.margin, trip.sampling, trip.m_per_class) == (0.3, "semihard", 2)
+    assert trip.spec["loss"]["parts"][0]["miner"] == {"name": "semihard",
+                                                      "args": {"margin": 0.3, "distance": "euclidean"}}
+    assert trip.parts[0].criterion.margin == 0.3 and trip.sampler.m == 2
 
 
 def test_similarity_drift_against_its_formula_by_hand():

@@ -253,6 +253,122 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
 
 
+# ------------------------------------------------------------------------------ samplers by name
+# (registered in partmatch.ml.losses.registry.SAMPLERS; an objective asks its sampler for each epoch's batches)
+
+
+class ShuffledSampler:
+    """Plain shuffled batches; a trailing batch of one image is dropped (it would break BatchNorm and gives no
+    pair). ``oversample_to``: categories with fewer images are topped up to that many per epoch by drawing
+    their images again (with replacement), so small categories weigh more; with ``augment`` each repeat is a
+    different augmented view."""
+
+    class_balanced = False
+
+    def __init__(self, oversample_to: int | None = None):
+        self.oversample_to = None if oversample_to is None else int(oversample_to)
+
+    def indices(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's image indices before shuffling: each once, plus the small categories' repeats."""
+        labels = np.asarray(labels).reshape(-1)
+        idx = np.arange(len(labels))
+        if not self.oversample_to:
+            return idx
+        extra = []
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            if len(members) < self.oversample_to:
+                extra.append(rng.choice(members, self.oversample_to - len(members), replace=True))
+        return np.concatenate([idx, *extra]) if extra else idx
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
+        rng = epoch_rng(seed, epoch)
+        if not self.oversample_to:  # exactly the batches of the objectives before the sampler registry
+            return (b for b in shuffled_batches(len(labels), batch_size, rng) if len(b) > 1)
+        idx = self.indices(labels, rng)
+        return (idx[b] for b in shuffled_batches(len(idx), batch_size, rng) if len(b) > 1)
+
+
+class MPerClassSampler:
+    """Class-balanced batches of ``m`` images per category (:func:`class_balanced_batches`)."""
+
+    class_balanced = True
+
+    def __init__(self, m: int = 4):
+        self.m = int(m)
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
+        return class_balanced_batches(labels, batch_size, self.m, epoch_rng(seed, epoch))
+
+
+def proxy_distances(proxies: torch.Tensor, distance: str = "cosine") -> np.ndarray:
+    """(C, C) distances between proxies: cosine = ``1 - cos``, euclidean = L2, manhattan = L1."""
+    p = proxies.detach().float().cpu()
+    if distance == "cosine":
+        p = torch.nn.functional.normalize(p, dim=1)
+        return (1.0 - p @ p.T).numpy()
+    return torch.cdist(p, p, p=1.0 if distance == "manhattan" else 2.0).numpy()
+
+
+class NearestProxySampler:
+    """Class-balanced batches whose categories are each other's nearest proxies: hard negatives in every batch.
+
+    Each batch takes a random anchor category, then the ``k - 1`` categories whose proxies are nearest to the
+    anchor's proxy (``k = batch_size // m``), ``m`` images of each (drawn without replacement when the category
+    has enough). ``explore`` of the ``k - 1`` are random categories instead. The proxies are read when an epoch
+    starts (``bind`` gives the sampler a function returning them), so the neighbourhoods follow training.
+    ``len(labels) // (k m)`` batches per epoch; seeded by ``(seed, epoch)`` and the proxies alone.
+    """
+
+    class_balanced = True
+
+    def __init__(self, m: int = 4, explore: float = 0.0, distance: str = "cosine"):
+        self.m = int(m)
+        self.explore = float(explore)
+        self.distance = distance
+        self._proxies: Callable[[], torch.Tensor] | None = None
+
+    def bind(self, proxies: Callable[[], torch.Tensor]) -> NearestProxySampler:
+        self._proxies = proxies
+        return self
+
+    def classes_per_batch(self, anchors: Sequence[int], proxies: torch.Tensor, k: int,
+                          rng: np.random.Generator) -> list[np.ndarray]:
+        """For each anchor category, itself and its nearest ``k - 1`` categories (some random with explore)."""
+        dist = proxy_distances(proxies, self.distance)
+        np.fill_diagonal(dist, -np.inf)  # the anchor first
+        order = np.argsort(dist, axis=1, kind="stable")
+        n_random = int(round(self.explore * (k - 1)))
+        out = []
+        for a in anchors:
+            chosen = order[a, : k - n_random]
+            if n_random:
+                rest = np.setdiff1d(np.arange(len(dist)), chosen)
+                chosen = np.concatenate([chosen, rng.choice(rest, n_random, replace=False)])
+            out.append(chosen)
+        return out
+
+    def batches(self, labels: np.ndarray, batch_size: int, epoch: int, seed: int) -> Iterator[np.ndarray]:
+        if self._proxies is None:
+            raise ValueError("nearest_proxy sampler has no proxies: it needs a proxy loss part (proxy_anchor)")
+        labels = np.asarray(labels).reshape(-1)
+        proxies = self._proxies()
+        present = np.unique(labels)
+        members = {int(c): np.flatnonzero(labels == c) for c in present}
+        k = max(2, min(int(batch_size) // self.m, len(present)))
+        if len(present) < 2:
+            raise ValueError("nearest_proxy batches need at least 2 categories")
+        rng = epoch_rng(seed, epoch)
+        n_batches = max(1, len(labels) // (k * self.m))
+        anchors = rng.choice(present, n_batches, replace=True)
+        # proxies of categories absent from this training set are never chosen
+        sub = proxies[torch.as_tensor(present)]
+        where = {int(c): i for i, c in enumerate(present)}
+        for chosen in self.classes_per_batch([where[int(a)] for a in anchors], sub, k, rng):
+            yield np.concatenate([rng.choice(members[int(present[c])], self.m, replace=len(members[int(present[c])]) < self.m)
+                                  for c in chosen])
+
+
 class InMemoryFeatures:
     """Precomputed float features with labels, batched like :class:`InMemoryImages`.
 

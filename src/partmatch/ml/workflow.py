@@ -62,23 +62,6 @@ def encode_labels(labels: pd.Series, classes: list[str]) -> np.ndarray:
     return labels.map(lambda c: lookup.get(c, -1)).to_numpy(dtype=np.int64)
 
 
-def objective_params(p: TrainingParams) -> dict[str, Any]:
-    """The keyword arguments of the chosen loss, from the pipeline's flat parameters."""
-    single = {
-        "cross_entropy": {},
-        "contrastive": {"margin": p.margin, "m_per_class": p.m_per_class},
-        "triplet": {"margin": p.margin, "sampling": p.sampling, "m_per_class": p.m_per_class},
-        "quadruplet": {"margin1": p.margin, "margin2": p.margin2, "m_per_class": p.m_per_class},
-        "proxy_anchor": {"proxy_lr_multiplier": p.proxy_lr_multiplier},
-    }
-    if "+" in p.loss:
-        names = p.loss.split("+")
-        out: dict[str, Any] = {n: single[n] for n in names}
-        out["weights"] = {n: (p.proxy_weight if n == "proxy_anchor" else 1.0) for n in names}
-        return out
-    return single[p.loss]
-
-
 def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, image_size: int) -> torch.nn.Module:
     """The model described by the parameters (study trunk or a registered backbone)."""
     kwargs: dict[str, Any] = {}
@@ -94,7 +77,8 @@ def make_objective(p: TrainingParams, model: torch.nn.Module, num_classes: int) 
     chosen loss, wrapped in the similarity-preserving penalty when ``preserve_weight > 0``, whose reference is
     the cached features themselves (frozen mode) or a frozen copy of the model's initial backbone."""
     embedding_dim = p.embedding_dim if p.task == "embedding" else num_classes
-    objective = build_objective(p.loss, objective_params(p), num_classes=num_classes, embedding_dim=embedding_dim)
+    objective = build_objective(p.loss, None, num_classes=num_classes, embedding_dim=embedding_dim, sampler=p.sampler,
+                                distance=p.distance)
     if p.preserve_weight > 0:
         reference = None if uses_cached_features(p) else copy.deepcopy(model.backbone)
         objective = SimilarityPreservingObjective(objective, p.preserve_weight, reference)
@@ -259,8 +243,8 @@ def _train_here(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams
     device = str(resolve_device(p.device))
     groups = prepare_backbone(model, p)
     config = train_config(p, checkpoint_dir, mean, std)
-    logger.info("Training %s (%s, loss %s%s) on %d images / %d categories, validating on %d, device %s.",
-                p.task, p.backbone, p.loss, f", sampling {p.sampling}" if p.loss == "triplet" else "",
+    logger.info("Training %s (%s, loss %s, sampler %s) on %d images / %d categories, validating on %d, device %s.",
+                p.task, p.backbone, p.loss_name, p.sampler["name"],
                 len(train_rows), len(classes), len(val_rows), device)
     started = time.perf_counter()
     if uses_cached_features(p):
