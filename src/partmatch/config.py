@@ -268,6 +268,9 @@ class TrainingParams(_Params):
                 loss = self.loss
                 sampler = self.sampler if self.sampler is not None else \
                     registry.validate_sampler(registry.default_sampler(loss), "sampler")
+            if registry.SAMPLERS[sampler["name"]].needs_proxies and not registry.has_proxies(loss):
+                raise registry.SpecError("sampler.name", f"{sampler['name']!r} chooses categories by their proxies: "
+                                                         "add a loss part with name: proxy_anchor")
         except registry.SpecError as exc:
             raise ValueError(f"@{exc.key}@ {exc.message}") from None
         for key, value in {"loss": loss, "sampler": sampler, **dict.fromkeys(registry.LEGACY_KEYS)}.items():
