@@ -33,7 +33,8 @@ VARIANTS = [("cnn", "cnn", {}), ("siamese_contrastive", "siamese_contrastive", {
                                                                                  "preserve_weight": 0}),
             ("siamese_triplet[random, default preserve_weight]", "siamese_triplet", {"sampling": "random"}),
             ("siamese_triplet[hard]", "siamese_triplet", {"sampling": "hard"}),
-            ("siamese_pretrained", "siamese_pretrained", {})]
+            ("siamese_pretrained", "siamese_pretrained", {}),
+            ("multi_objective", "multi_objective", {})]
 COLUMNS = ["test_accuracy", "pair_accuracy", "roc_auc", "precision_at_1", "map_at_r", "recall_at_4",
            "open_set_precision_at_1", "open_set_map_at_r", "open_set_pair_accuracy", "epochs",
            "train_images_per_second", "train_wall_seconds"]

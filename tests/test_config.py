@@ -90,7 +90,8 @@ def test_unknown_section_without_a_close_name_lists_the_known_ones():
     with pytest.raises(ParameterError) as err:
         config.validate_all({"zzz": 1})
     assert str(err.value).splitlines()[1] == (
-        "  - 'zzz': unknown parameter section; known: cnn, compare, eda, evaluate, ingestion, preprocessing, "
+        "  - 'zzz': unknown parameter section; known: cnn, compare, eda, evaluate, ingestion, multi_objective, "
+        "preprocessing, "
         "raw_source, search, siamese_contrastive, siamese_pretrained, siamese_triplet, split")
 
 

@@ -99,7 +99,7 @@ def test_signature_and_request_parameters():
     pipelines = register_pipelines()
     from kedro_mlflow.pipeline.pipeline_ml import PipelineML
 
-    for model in ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained"):
+    for model in ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective"):
         p = pipelines[model]
         assert isinstance(p, PipelineML) and p.log_model_kwargs["name"] == model
         assert p.inference.inputs() == {f"{model}.query_images", f"{model}.model", f"{model}.gallery_index",

@@ -390,7 +390,7 @@ class SearchParams(_Params):
         return value
 
 
-MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained")
+MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective")
 
 SECTIONS: dict[str, type[_Params]] = {
     "ingestion": IngestionParams,

@@ -210,7 +210,7 @@ class ModelRunsHook:
                 parsed = config.parse(model, value)
                 params.update(parsed.model_dump())
                 if hasattr(parsed, "loss_name"):  # the loss in a word; its parts and sampler as loss_spec.* / sampler.*
-                    params["loss_spec"] = {f"parts[{i}]": part for i, part in enumerate(params["loss"]["parts"])}
+                    params["loss_spec"] = {f"part{i}": part for i, part in enumerate(params["loss"]["parts"])}
                     params["loss"] = parsed.loss_name
             elif name.startswith("params:"):
                 params[name[len("params:"):]] = value

@@ -121,9 +121,14 @@ def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
     from partmatch.ml.backbones import inference_copy
 
     channels, size = int(images.shape[1]), int(images.shape[2])
-    model = build_from_params(p, 2, channels, size)
     mean, std = normalisation(p, channels)
     device = str(resolve_device(p.device))
+    key = _features_key(images, p, device)
+    if _FEATURES_MEMO.get("key") == key:  # a second model of the same run on the same frozen features
+        logger.info("Reusing the %s features %s of %d images computed earlier in this process.", p.backbone,
+                    _FEATURES_MEMO["features"].shape[1:], len(images))
+        return _FEATURES_MEMO["features"].copy()
+    model = build_from_params(p, 2, channels, size)
     # BatchNorm folded, channels_last; bf16 where backbones.resolve_precision says it is native and checked
     backbone = inference_copy(model.backbone)
     precision = backbone_precision(p, size, device)
@@ -136,7 +141,28 @@ def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
     logger.info("Cached %s features %s for %d images in %.1f s (%.0f images/s, %d view(s), %s).", p.backbone,
                 feats.shape[1:], len(feats), seconds, len(feats) * len(views) / max(seconds, 1e-9), len(views),
                 precision)
+    _FEATURES_MEMO.clear()
+    _FEATURES_MEMO.update(key=key, features=feats.copy())
     return feats
+
+
+#: The last frozen-backbone features computed in this process and what they depend on: ``siamese_pretrained``
+#: and ``multi_objective`` cache the same features in one ``kedro run``, computed once (one entry).
+_FEATURES_MEMO: dict[str, Any] = {}
+
+
+def _features_key(images: np.ndarray, p: TrainingParams, device: str) -> tuple:
+    """Everything the cached features depend on: the images' bytes, the backbone and its weights, the views, the
+    input normalisation, the device, the precision and the batch size."""
+    weights = None
+    if p.weights_path:
+        from pathlib import Path
+
+        stat = Path(p.weights_path).stat()
+        weights = (str(Path(p.weights_path).resolve()), stat.st_size, stat.st_mtime_ns)
+    size = int(images.shape[2])
+    return (embeddings_digest(images), p.backbone, p.pretrained, weights, feature_views(p),
+            normalisation(p, int(images.shape[1])), device, backbone_precision(p, size, device), p.eval_batch_size)
 
 
 def backbone_precision(p: TrainingParams, image_size: int, device: str) -> str:

@@ -18,7 +18,7 @@ from .nodes import (
 SHARED_INPUTS = {"image_array", "split_index"}
 # models whose pipeline caches frozen pretrained-backbone features (train_mode: frozen): only these show the
 # cache node and the backbone_features dataset
-FEATURE_CACHING_MODELS = ("siamese_pretrained",)
+FEATURE_CACHING_MODELS = ("siamese_pretrained", "multi_objective")
 
 
 def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
