@@ -1,19 +1,19 @@
 """Every loss, miner, sampler and distance of the registry on the car parts, side by side.
 
-    OMP_WAIT_POLICY=PASSIVE nice -n 5 python bench/losses_table.py [--epochs 4] [--scratch-epochs 2] [--rows a,b]
+    OMP_WAIT_POLICY=PASSIVE nice -n 5 python bench/losses_table.py [--epochs 3] [--lr 1e-3] [--rows a,b] [--scratch]
 
 Photos: ``../shared/datasets/carparts`` cleaned, 100 px grayscale (the study's input), split as the pipelines
 split them (seed 42; 20 % of the categories held out as the open set). Two groups of rows, all seeded (seed 42):
 
 * **pretrained head**: the frozen EfficientNet-Lite0 features (ImageNet weights; the image and its mirror,
   computed once for every row) and the identity head of ``siamese_pretrained`` (1280-d, L2-normalised,
-  mirror augmentation, flip averaging), trained ``--epochs`` epochs (early stopping off) with each loss
+  mirror augmentation, flip averaging), trained ``--epochs`` epochs at ``--lr`` (early stopping off) with each loss
   *alone* (``preserve_weight: 0``, so the loss is what moves the features): the study's contrastive and random
   triplets, semi-hard triplets, quadruplet, Proxy-Anchor, multi-similarity, the multi-objective recipe and its
   ablations (each term's weight 0, the plain m-per-class sampler instead of nearest proxies), the three
   distances; then ``siamese_pretrained`` and ``multi_objective`` exactly as configured (similarity-preserving
   penalty on) and the untrained features for reference;
-* **scratch trunk**: the study's three models (``cnn``, ``siamese_contrastive``, ``siamese_triplet`` with the
+* **scratch trunk** (``--scratch``, slow): the study's three models (``cnn``, ``siamese_contrastive``, ``siamese_triplet`` with the
   study's random triplets and no penalty) from their parameter files, ``--scratch-epochs`` epochs.
 
 Columns: closed-set (test photos against the training photos) and open-set (leave-one-out among the unseen
@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import yaml
-
-from pretrained_backbone import DEFAULT_SOURCE, features, load, no_training  # noqa: I001  (bench/ on sys.path)
+from pretrained_backbone import DEFAULT_SOURCE, features, load, no_training  # bench/ is on sys.path
 
 from partmatch import config
 from partmatch.ml import workflow
@@ -99,8 +98,8 @@ SCRATCH_ROWS = {"cnn (study, scratch)": conf("cnn") | {"patience": None},
 COLUMNS = ("precision_at_1", "map_at_r", "open_set_precision_at_1", "open_set_map_at_r")
 
 
-def run_row(images, index, params: dict, epochs: int) -> dict:
-    p = config.parse("bench", {**params, "epochs": epochs}, config.TrainingParams)
+def run_row(images, index, params: dict, epochs: int, lr: float | None) -> dict:
+    p = config.parse("bench", {**params, "epochs": epochs, **({"lr": lr} if lr else {})}, config.TrainingParams)
     feats = features(images, p)
     t0 = time.perf_counter()
     bundle, history, summary = workflow.train(images, index, p, None, {"image_size": int(images.shape[2])},
@@ -117,21 +116,27 @@ def run_row(images, index, params: dict, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=str(DEFAULT_SOURCE))
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the pretrained-head rows")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the pretrained-head rows")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the loss-alone head rows (the "
+                        "configured rows keep their own)")
     parser.add_argument("--scratch-epochs", type=int, default=2, help="epochs of the scratch-trunk rows")
     parser.add_argument("--rows", default="", help="comma-separated substrings: only the rows that contain one")
-    parser.add_argument("--no-scratch", action="store_true")
+    parser.add_argument("--scratch", action="store_true", help="also the study's scratch-trunk rows (slow: minutes "
+                        "per epoch on 2 cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     images, index, summary, _ = load(args.source, 100)
     print(f"# Losses, miners, samplers, distances on {Path(args.source).parent.name}: {len(images)} photos, "
-          f"100 px grayscale; {summary.get('open_set_categories', '?')} open-set categories; head rows "
-          f"{args.epochs} epochs, scratch rows {args.scratch_epochs} epochs, seed 42\n", flush=True)
+          f"100 px grayscale; {index.loc[index['split'] == 'open', 'label'].nunique()} open-set categories of "
+          f"{index['label'].nunique()}; head rows {args.epochs} epochs at lr {args.lr:g} (as configured: their own "
+          f"lr), early stopping off" + (f", scratch rows {args.scratch_epochs} epochs" if args.scratch else "")
+          + ", seed 42\n", flush=True)
     wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
-    rows = [(name, params, args.epochs) for name, params in HEAD_ROWS.items()]
-    if not args.no_scratch:
-        rows += [(name, params, args.scratch_epochs) for name, params in SCRATCH_ROWS.items()]
+    rows = [(name, params, args.epochs, None if "as configured" in name else args.lr)
+            for name, params in HEAD_ROWS.items()]
+    if args.scratch:
+        rows += [(name, params, args.scratch_epochs, None) for name, params in SCRATCH_ROWS.items()]
     if wanted:
         rows = [r for r in rows if any(w in r[0] for w in wanted)]
     t0 = time.perf_counter()
@@ -141,12 +146,12 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     base = no_training(images, index, 100, flip=True)
-    lines.append(f"| untrained features (L2-normalised, flip averaged) | - | - | cosine | "
+    lines.append("| untrained features (L2-normalised, flip averaged) | - | - | cosine | "
                  + " | ".join(f"{base[c]:.4f}" for c in COLUMNS) + " | 0 | - |")
     print("\n".join(lines), flush=True)
     results = {}
-    for name, params, epochs in rows:
-        m = run_row(images, index, params, epochs)
+    for name, params, epochs, lr in rows:
+        m = run_row(images, index, params, epochs, lr)
         results[name] = m
         line = (f"| {name} | {m['loss']} | {m['sampler']} | {m['distance']} | "
                 + " | ".join(f"{m[c]:.4f}" for c in COLUMNS) + f" | {m['seconds']:.1f} | {m['images_per_second']:.0f} |")

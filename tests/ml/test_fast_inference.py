@@ -215,6 +215,31 @@ def test_cached_backbone_features_fp32_are_the_plain_backbone_on_both_views(lite
     assert _rel(feats[:, 1], _plain_features(lite0, images, mirror=True)).max() < 1e-5
 
 
+def test_the_same_frozen_features_are_computed_once_per_process(monkeypatch):
+    """siamese_pretrained and multi_objective in one kedro run: the second model's cache node reuses the first's
+    features when everything they depend on is the same, and recomputes them when anything differs."""
+    images = _photos(3)
+    calls = []
+    real = workflow.embed_images
+    monkeypatch.setattr(workflow, "embed_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    workflow._FEATURES_MEMO.clear()
+    p = config.TrainingParams(**FROZEN, backbone_precision="fp32")
+    first = workflow.backbone_features(images, p)
+    assert len(calls) == 2   # the image and its mirror
+    other_loss = {**FROZEN, "loss": {"parts": [{"name": "multi_similarity"}]}, "backbone_precision": "fp32"}
+    second = workflow.backbone_features(images, config.TrainingParams(**other_loss))
+    assert len(calls) == 2 and np.array_equal(first, second) and second is not first
+    second[:] = 0            # a caller's copy: the memo keeps the features
+    assert np.array_equal(workflow.backbone_features(images, p), first) and len(calls) == 2
+    changed = images.copy()
+    changed[0, 0, 0, 0] ^= 1
+    workflow.backbone_features(changed, p)
+    assert len(calls) == 4   # other pixels: computed again
+    workflow.backbone_features(changed, config.TrainingParams(**{**FROZEN, "flip_tta": False},
+                                                              backbone_precision="fp32"))
+    assert len(calls) == 5   # one view only: computed again
+
+
 def test_cached_backbone_features_bf16_are_the_bf16_embedding(lite0):
     images = _photos(3)
     feats = workflow.backbone_features(images, config.TrainingParams(**FROZEN, backbone_precision="bf16"))

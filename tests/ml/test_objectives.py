@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from partmatch.ml.data import class_balanced_batches, epoch_rng, shuffled_batches
-from partmatch.ml.models import build_model
 from partmatch.ml.losses import registry
+from partmatch.ml.models import build_model
 from partmatch.ml.objectives import (
     ClassificationObjective,
     ContrastiveObjective,
@@ -267,9 +267,13 @@ def test_similarity_preserving_objective_adds_the_weighted_drift():
     assert [b.tolist() for b in wrapped.batches(labels, 8, 0, 1)] == [b.tolist() for b in inner.batches(labels, 8, 0, 1)]
     torch.manual_seed(1)
     total = wrapped.loss(head, x, y)
+    terms = dict(wrapped.last_terms)
     torch.manual_seed(1)
     expected = inner.loss(head, x, y) + 4.0 * similarity_drift(head(x), x)
     torch.testing.assert_close(total, expected)
+    # the penalty is logged as its own term beside the loss's
+    assert list(terms) == ["preserve"]   # a bare objective (not built from a spec) has no named parts
+    torch.testing.assert_close(terms["preserve"], (4.0 * similarity_drift(head(x), x)).detach())
     total.backward()
     # its gradient is the gradient of that sum
     (expected_grad,) = torch.autograd.grad(expected, head.weight)
