@@ -268,3 +268,16 @@ def test_dead_checkpoint_temp_files_of_this_host_only_are_removed(tmp_path):
         p.write_bytes(b"partial")
     _remove_dead_temp_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, alive.name])
+
+
+def test_each_part_of_a_combined_loss_is_recorded_per_epoch_and_the_parts_add_up():
+    """The loop records the epoch mean of every named term the objective reports (``last_terms``): for a weighted
+    contrastive + Proxy-Anchor + similarity-preserving objective the three means add up to the epoch's loss."""
+    model = small_model()
+    objective = SimilarityPreservingObjective(build_objective("contrastive+proxy_anchor", {"proxy_weight": 0.5}, 4, 8),
+                                              2.0, copy.deepcopy(model.backbone))
+    result = fit(model, objective, toy_images(), None, config(epochs=2))
+    for record in result.history:
+        terms = {k: v for k, v in record.items() if k.startswith("train_loss_")}
+        assert sorted(terms) == ["train_loss_contrastive", "train_loss_preserve", "train_loss_proxy_anchor"]
+        assert sum(terms.values()) == pytest.approx(record["train_loss"], rel=1e-5)
