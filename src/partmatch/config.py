@@ -174,6 +174,9 @@ class DistributedParams(_Params):
         host, _, port = self.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"rdzv_endpoint must be host:port of node 0, got {self.rdzv_endpoint!r}")
+        if self.nnodes > 1 and host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            raise ValueError(f"with nnodes={self.nnodes} machines, rdzv_endpoint must be an address of node 0 that the "
+                             f"other machines reach (e.g. 10.0.0.1:29400), not {self.rdzv_endpoint!r}")
         return self
 
 

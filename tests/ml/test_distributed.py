@@ -140,7 +140,37 @@ def test_a_shard_splits_a_global_batch_in_rank_order():
     batch = np.arange(10, 21)                                   # 11 images over 3 ranks: 4 + 4 + 3
     parts = [distributed.Shard(len(batch), r, 3).local(batch) for r in range(3)]
     assert [p.tolist() for p in parts] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20]]
-    assert distributed.gather_batch(torch.ones(2)) is not None and not distributed.is_active()
+    assert not distributed.is_active()
+    local = torch.ones(2)
+    assert distributed.gather_batch(local) is local                # one process: the tensor itself
+
+
+def test_every_rank_runs_the_model_on_its_slice_only(monkeypatch):
+    """Rank 1 of 2 (a fake process group: no peers, collectives are no-ops) runs the model on 8 of each global batch
+    of 16, and the objective sees the whole batch of 16 (its slice gathered with the other rank's)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from partmatch.ml.objectives import build_objective
+    from partmatch.ml.training import TrainConfig, fit
+    from tests.ml.test_engine import small_model, toy_images
+
+    model_inputs, loss_inputs = [], []
+    model = small_model()
+    model.register_forward_hook(lambda module, args, out: model_inputs.append(len(args[0])))
+    objective = build_objective("contrastive", {}, 4, 8)
+    original = objective.loss_from_embeddings
+    objective.loss_from_embeddings = lambda emb, labels: (loss_inputs.append((len(emb), len(labels))),
+                                                          original(emb, labels))[1]
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)   # rank 0's data digest: the same
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **kw: module)  # no peers
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        fit(model, objective, toy_images(), None, TrainConfig(epochs=1, batch_size=16, max_batches_per_epoch=2,
+                                                              device="cpu", progress=False, patience=None))
+    finally:
+        dist.destroy_process_group()
+    assert model_inputs == [8, 8] and loss_inputs == [(16, 16), (16, 16)]
 
 
 # --------------------------------------------------------------------------------- the same kedro command

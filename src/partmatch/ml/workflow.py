@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -231,7 +232,8 @@ class TrainJob:
 def _train_worker(job: TrainJob) -> tuple[dict, list[dict], dict]:
     """One process of a distributed training (launched by :func:`train_distributed`)."""
     images = np.load(job.images_path, mmap_mode="r")
-    return _train_here(images, job.split_index, job.params, job.checkpoint_dir, job.preprocessing)
+    result = _train_here(images, job.split_index, job.params, job.checkpoint_dir, job.preprocessing)
+    return result if os.environ.get("LOCAL_RANK", "0") == "0" else None  # one copy of the model per machine
 
 
 def train_distributed(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams, checkpoint_dir: str | None,
@@ -248,7 +250,7 @@ def train_distributed(images: np.ndarray, split_index: pd.DataFrame, p: Training
             np.save(path, np.ascontiguousarray(images))
         job = TrainJob(str(path), split_index, p, checkpoint_dir, preprocessing)
         results = distributed.launch(_train_worker, job, dist_config, resolve_device(p.device))
-    bundle, history, summary = results[min(results)]
+    bundle, history, summary = next(r for _, r in sorted(results.items()) if r is not None)
     summary = {**summary, "wall_seconds": time.perf_counter() - started}
     return bundle, history, summary
 

@@ -23,7 +23,7 @@ import dataclasses
 import datetime
 import logging
 import os
-import socket
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,7 +135,7 @@ class Shard:
         padded = local.detach()
         if len(padded) < longest:
             padded = torch.cat([padded, padded.new_zeros((longest - len(padded), *padded.shape[1:]))])
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded.contiguous())
         parts = [p[:n] for p, n in zip(parts, self.sizes, strict=True)]
         parts[self.rank] = _ScaleGrad.apply(local, float(self.world)) if local.requires_grad else local
@@ -169,6 +169,8 @@ def gather_rows(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray]
         return fn
 
     def sharded_fn(rows: np.ndarray) -> np.ndarray:
+        if len(rows) < world_size():  # not a row for every rank: each computes them all
+            return fn(rows)
         shard = Shard(len(rows), rank(), world_size())
         local = torch.from_numpy(np.ascontiguousarray(fn(shard.local(rows))))
         backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
@@ -190,19 +192,14 @@ def broadcast_object(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ launching
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @record  # a failing process writes its error for the launcher (DistributedTrainingError names it)
-def _entrypoint(target: Callable[[Any], Any], job: Any, backend: str, timeout_s: float, threads: int) -> Any:
+def _entrypoint(target: Callable[[Any], Any], job: Any, backend: str, timeout_s: float, threads: int,
+                on_cuda: bool) -> Any:
     """What every process runs: join the process group, run ``target(job)``, leave the group."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    elif threads > 0:
+    if on_cuda:
+        torch.cuda.set_device(local_rank)  # one GPU per process, whatever the backend
+    if threads > 0:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s")
@@ -223,12 +220,13 @@ def launch(target: Callable[[Any], Any], job: Any, config: DistributedConfig, de
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     backend = resolve_backend(config.backend, device)
-    if backend == "nccl" and torch.cuda.device_count() < config.nproc_per_node:
+    on_cuda = device.type == "cuda"
+    if on_cuda and torch.cuda.device_count() < config.nproc_per_node:
         raise DistributedTrainingError(f"nproc_per_node={config.nproc_per_node} processes need as many GPUs; "
                                        f"this machine has {torch.cuda.device_count()}")
-    threads = 0 if backend == "nccl" else max(1, (os.cpu_count() or 1) // config.nproc_per_node)
-    if config.nnodes == 1:  # one machine: a private rendezvous on a free local port
-        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_configs={})
+    threads = max(1, (os.cpu_count() or 1) // config.nproc_per_node)
+    if config.nnodes == 1:  # one machine: a private rendezvous on a port the OS picks (torchrun --standalone)
+        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", rdzv_configs={})
     else:  # static ranks: node_rank 0 holds global rank 0 (the one that writes)
         rdzv = dict(rdzv_backend="static", rdzv_endpoint=config.rdzv_endpoint,
                     rdzv_configs={"rank": config.node_rank, "timeout": int(config.timeout_s)})
@@ -238,11 +236,20 @@ def launch(target: Callable[[Any], Any], job: Any, config: DistributedConfig, de
         monitor_interval=0.1, start_method="spawn", **rdzv)
     logger.info("Training on %d process(es) (%d per node x %d node(s), this is node %d), backend %s.",
                 config.world_size, config.nproc_per_node, config.nnodes, config.node_rank, backend)
+    handlers = {sig: signal.getsignal(sig) for sig in _SIGNALS}  # the launcher installs its own; give them back
     try:
-        results = elastic_launch(launch_config, _entrypoint)(target, job, backend, config.timeout_s, threads)
+        results = elastic_launch(launch_config, _entrypoint)(target, job, backend, config.timeout_s, threads, on_cuda)
     except ChildFailedError as exc:
         raise DistributedTrainingError(_failure_message(exc)) from None
-    return {int(k) + config.node_rank * config.nproc_per_node: v for k, v in results.items()}
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return {int(k): v for k, v in results.items()}  # keyed by global rank
+
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+_COMMUNICATION_ERRORS = ("DistBackendError", "Connection closed by peer", "Connection reset", "timed out", "Timeout")
 
 
 def _failure_message(exc: Any) -> str:
@@ -250,7 +257,12 @@ def _failure_message(exc: Any) -> str:
     failures = getattr(exc, "failures", {}) or {}
     if not failures:
         return f"Distributed training failed: {exc}"
-    failed_rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
+    def text(failure: Any) -> str:
+        return str((failure.message or {}).get("message", "")) if isinstance(failure.message, dict) else ""
+
+    # the rank that failed first, a real error before the others' "connection closed" (timestamps are whole seconds)
+    failed_rank, first = min(failures.items(), key=lambda item: (
+        any(word in text(item[1]) for word in _COMMUNICATION_ERRORS), item[1].timestamp, item[0]))
     data = first.message if isinstance(first.message, dict) else {}
     message = data.get("message") or f"exit code {first.exitcode} (no Python error: killed or os._exit)"
     stack = (data.get("extraInfo") or {}).get("py_callstack", "")

@@ -82,8 +82,6 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.device = device = _device_for_rank(config)
         seed_everything(config.seed)
-        if device.type == "cuda" and self.world > 1:  # BatchNorm statistics over the global batch (CUDA only)
-            model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
         self.channels_last = config.channels_last and device.type in ("cpu", "cuda")
         if self.channels_last:
@@ -128,6 +126,13 @@ class Trainer:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 checkpoint.remove_dead_temp_files(self.ckpt_dir)
             self.data_digest = checkpoint.data_digest(train)
+        if self.world > 1:  # every rank must train on the same pixels (machines preprocess their own copies)
+            self.data_digest = self.data_digest or checkpoint.data_digest(train)
+            expected = distributed.broadcast_object(self.data_digest)
+            if expected != self.data_digest:
+                raise ValueError(f"rank {self.rank} holds other training data than rank 0 ({len(train)} images, digest "
+                                 f"{self.data_digest[:12]} vs {expected[:12]}): every machine must preprocess the same "
+                                 f"photos with the same parameters (compare their split_index and image_array)")
         self.hooks: list[Hook] = [EarlyStopping(config.patience)]
         if self.ckpt_dir is not None:
             self.hooks.append(Checkpoint(self.ckpt_dir))
@@ -223,14 +228,15 @@ class Trainer:
         self.step.train()
         t0 = time.perf_counter()
         n_images, loss_sum, pending = 0, 0.0, []
-        term_sums: dict[str, float] = {}
+        term_sums: dict[str, torch.Tensor | float] = {}
         sync_every = 1 if device.type == "cpu" else 10
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
                    disable=not config.progress or not distributed.is_main(), dynamic_ncols=True)
         for b, idx in enumerate(bar, start=1):
             shard = distributed.Shard(len(idx), self.rank, self.world) if self.world > 1 else None
             if shard is None or not self.augment:
-                images, _ = train.batch(idx, device, augment=self.augment, mean=config.mean, std=config.std)
+                images, _ = train.batch(idx if shard is None else shard.local(idx), device, augment=self.augment,
+                                        mean=config.mean, std=config.std)
             else:  # each rank augments its slice from its own seeded stream: the shared generator (random pairs /
                 # triplets of the global batch) must stay identical on every rank, whatever the slice sizes
                 with torch.random.fork_rng(devices=[]):
@@ -251,7 +257,7 @@ class Trainer:
             n_images += len(idx)
             pending.append(loss.detach())
             for name, value in (getattr(self.objective, "last_terms", None) or {}).items():
-                term_sums[name] = term_sums.get(name, 0.0) + float(value)
+                term_sums[name] = term_sums.get(name, 0.0) + value.detach().float()
             if b % sync_every == 0 or b == len(batches):
                 values = torch.stack(pending).float().cpu().tolist()
                 for k, v in enumerate(values):
@@ -264,10 +270,18 @@ class Trainer:
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        terms = {name: total / len(batches) for name, total in term_sums.items()}
+        terms = {name: float(total) / len(batches) for name, total in term_sums.items()}
         return loss_sum / len(batches), terms, n_images, time.perf_counter() - t0
 
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP copies them only at the start of a
+        forward pass, so after an epoch each rank's still include its own slice's last batch."""
+        if self.world > 1:
+            for buffer in self.step.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def validate(self, train_loss: float) -> float:
+        self.sync_buffers()  # every rank embeds its share of the validation rows with the same model
         if self.val_score is None:
             return -train_loss
         self.model.eval()
@@ -313,6 +327,7 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> TrainResult:
+        self.sync_buffers()
         s = self.state
         if s.best_state is not None:
             self.model.load_state_dict(s.best_state)
