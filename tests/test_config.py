@@ -92,7 +92,7 @@ def test_unknown_section_without_a_close_name_lists_the_known_ones():
     assert str(err.value).splitlines()[1] == (
         "  - 'zzz': unknown parameter section; known: cnn, compare, eda, evaluate, ingestion, multi_objective, "
         "preprocessing, "
-        "raw_source, search, siamese_contrastive, siamese_pretrained, siamese_triplet, split")
+        "raw_source, search, siamese_contrastive, siamese_pca, siamese_pretrained, siamese_triplet, split")
 
 
 def test_unknown_key_inside_a_section_names_the_closest_field():

@@ -14,7 +14,7 @@ from partmatch.demo import DEMO_CATEGORIES, generate_demo_catalogue
 from partmatch.splits import closed_set_counts
 from tests.conftest import experiment_runs, latest
 
-MODELS = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective")
+MODELS = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective", "siamese_pca")
 TINY = {"epochs": 1, "max_batches_per_epoch": 3, "progress": False, "threshold_pairs": 200, "eval_pairs": 200,
         "batch_size": 16}
 EXPECTED_KEYS = {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "r_precision",

@@ -99,7 +99,8 @@ def test_signature_and_request_parameters():
     pipelines = register_pipelines()
     from kedro_mlflow.pipeline.pipeline_ml import PipelineML
 
-    for model in ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective"):
+    for model in ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective",
+                  "siamese_pca"):
         p = pipelines[model]
         assert isinstance(p, PipelineML) and p.log_model_kwargs["name"] == model
         assert p.inference.inputs() == {f"{model}.query_images", f"{model}.model", f"{model}.gallery_index",

@@ -202,6 +202,11 @@ class TrainingParams(_Params):
     flip_tta: bool = False
     preserve_weight: float = Field(0.0, ge=0)
     backbone: str = "study_cnn"
+    # backbone: pca (the study's further work): PCA of the normalised pixels fitted on the train split only, kept
+    # in the model as plain tensors (mean + components); an MLP head (head_hidden units) embeds the reduced vectors
+    pca_components: int = Field(500, ge=1)
+    pca_whiten: bool = False
+    head_hidden: int = Field(0, ge=0)
     pretrained: bool = False
     weights_path: str | None = None
     train_mode: Literal["frozen", "partial", "full"] = "full"
@@ -300,6 +305,13 @@ class TrainingParams(_Params):
         if self.pretrained and self.backbone == "study_cnn":
             raise ValueError("backbone 'study_cnn' has no pretrained weights; set pretrained: false or pick "
                              "efficientnet_lite0 / resnet18")
+        if self.backbone == "pca" and self.pretrained:
+            raise ValueError("backbone 'pca' is fitted on the train split; it has no pretrained weights "
+                             "(set pretrained: false)")
+        if self.head_hidden and self.task != "embedding":
+            raise ValueError("head_hidden (an MLP head) is for embedding models (task: embedding)")
+        if self.head_hidden and self.head_init == "identity":
+            raise ValueError("head_init 'identity' needs a linear head: set head_hidden: 0")
         if self.head_init == "identity":
             if self.task != "embedding":
                 raise ValueError("head_init 'identity' is for embedding models (task: embedding)")
@@ -393,7 +405,8 @@ class SearchParams(_Params):
         return value
 
 
-MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective")
+MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective",
+                   "siamese_pca")
 
 SECTIONS: dict[str, type[_Params]] = {
     "ingestion": IngestionParams,

@@ -54,8 +54,65 @@ class StudyCNN(nn.Module):
         return torch.flatten(self.features(x), 1)
 
 
+class PCAProjection(nn.Module):
+    """A fixed linear "backbone": the flattened (normalised) image minus the training mean, projected on
+    ``components`` principal axes -- the study's further work (PCA inputs to an MLP embedding).
+
+    The projection is two plain tensors (buffers, saved in the model's ``state_dict``): ``mean`` ``(D,)`` and
+    ``components`` ``(k, D)``, with ``D = in_channels * image_size ** 2``; :meth:`fit` sets them from training
+    images (sklearn's PCA, seeded). Untrained it is all zeros. Nothing in it is learnt by gradient descent.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 100, components: int = 500):
+        super().__init__()
+        self.in_channels, self.image_size = int(in_channels), int(image_size)
+        dim = self.in_channels * self.image_size * self.image_size
+        if not 1 <= int(components) <= dim:
+            raise ValueError(f"backbone 'pca' needs 1 <= components <= {dim} (the pixels of a "
+                             f"{self.in_channels}x{self.image_size}x{self.image_size} image), got {components}")
+        self.feature_dim = int(components)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("components", torch.zeros(self.feature_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.flatten(x, 1).float() - self.mean) @ self.components.T
+
+    def fit(self, x: Any, seed: int = 0, whiten: bool = False) -> Any:
+        """Fit on the rows of ``x`` ``(n, D)`` (normalised pixels, flattened), return the explained-variance
+        ratio of each kept component. ``whiten`` scales each axis to unit variance on ``x``."""
+        import numpy as np
+        from sklearn.decomposition import PCA
+
+        x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        if x.shape[1] != self.mean.numel():
+            raise ValueError(f"PCA fit on rows of {x.shape[1]} values, but the projection takes {self.mean.numel()}")
+        if len(x) < self.feature_dim:
+            raise ValueError(f"PCA with {self.feature_dim} components needs at least as many images, got {len(x)}")
+        pca = PCA(n_components=self.feature_dim, svd_solver="auto", random_state=int(seed)).fit(x)
+        comps = pca.components_.astype(np.float64)
+        if whiten:
+            comps = comps / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))[:, None]
+        with torch.no_grad():
+            self.mean.copy_(torch.from_numpy(pca.mean_.astype(np.float32)))
+            self.components.copy_(torch.from_numpy(comps.astype(np.float32)))
+        return pca.explained_variance_ratio_
+
+    def extra_repr(self) -> str:
+        return f"in={self.mean.numel()}, components={self.feature_dim}"
+
+
+def mlp_head(feature_dim: int, out_dim: int, hidden: int = 0) -> nn.Module:
+    """``Linear(feature_dim, out_dim)``, or with ``hidden > 0`` the MLP ``Linear -> ReLU -> Linear`` through
+    ``hidden`` units."""
+    if hidden <= 0:
+        return nn.Linear(feature_dim, out_dim)
+    return nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
 class EmbeddingNet(nn.Module):
     """backbone -> Linear(feature_dim, embedding_dim) -> optional L2 normalisation.
+
+    ``head_hidden > 0`` makes the head an MLP (:func:`mlp_head`), e.g. the embedding on PCA inputs.
 
     ``normalize=False`` (default) keeps raw Euclidean embeddings, as in the study, so that contrastive and
     triplet margins keep their meaning; ``normalize=True`` puts embeddings on the unit sphere.
@@ -72,15 +129,17 @@ class EmbeddingNet(nn.Module):
     task = "embedding"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, embedding_dim: int, normalize: bool = False,
-                 head_init: str = "default", flip_tta: bool = False):
+                 head_init: str = "default", flip_tta: bool = False, head_hidden: int = 0):
         super().__init__()
         self.flip_tta = bool(flip_tta)
         self.backbone = backbone
         self.feature_dim = int(feature_dim)
         self.embedding_dim = int(embedding_dim)
         self.normalize = bool(normalize)
-        self.head = nn.Linear(self.feature_dim, self.embedding_dim)
+        self.head = mlp_head(self.feature_dim, self.embedding_dim, int(head_hidden))
         if head_init == "identity":
+            if head_hidden:
+                raise ValueError("head_init 'identity' is for a linear head (head_hidden: 0)")
             if self.embedding_dim != self.feature_dim:
                 raise ValueError(f"head_init 'identity' needs embedding_dim == the backbone's feature size "
                                  f"({self.feature_dim}), got embedding_dim={self.embedding_dim}")
@@ -146,6 +205,14 @@ def _build_backbone(
             raise ValueError(f"Unknown option(s) for backbone 'study_cnn': {sorted(unknown)}; valid: ['channels']")
         trunk = StudyCNN(in_channels, image_size, tuple(kwargs.get("channels", (32, 64))))
         return trunk, trunk.feature_dim
+    if backbone == "pca":
+        if kwargs.pop("pretrained", False) or kwargs.pop("weights_path", None) is not None:
+            raise ValueError("backbone 'pca' is fitted on the training images, it has no pretrained weights")
+        unknown = set(kwargs) - {"components"}
+        if unknown:
+            raise ValueError(f"Unknown option(s) for backbone 'pca': {sorted(unknown)}; valid: ['components']")
+        pca = PCAProjection(in_channels, image_size, int(kwargs.get("components", 500)))
+        return pca, pca.feature_dim
     # Other backbones live in a registry written separately; import lazily so the study path never needs it.
     from partmatch.ml import backbones  # noqa: PLC0415
 
@@ -180,12 +247,14 @@ def build_model(
     normalize: bool = False,
     head_init: str = "default",
     flip_tta: bool = False,
+    head_hidden: int = 0,
     **backbone_kwargs: Any,
 ) -> nn.Module:
     """Build a ``Classifier`` (task="classifier") or an ``EmbeddingNet`` (task="embedding").
 
     ``backbone="study_cnn"`` is the study's trunk (option ``channels``); any other name is passed to
-    ``partmatch.ml.backbones.build_backbone(name, in_channels, image_size, pretrained, weights_path, ...)``.
+    ``partmatch.ml.backbones.build_backbone(name, in_channels, image_size, pretrained, weights_path, ...)``,
+    except ``backbone="pca"`` (:class:`PCAProjection`, option ``components``; fit it before use).
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; valid tasks: {list(TASKS)}")
@@ -193,6 +262,8 @@ def build_model(
     if task == "classifier":
         if flip_tta:
             raise ValueError("flip_tta is for embedding models (task='embedding')")
+        if head_hidden:
+            raise ValueError("head_hidden (an MLP head) is for embedding models (task='embedding')")
         if int(num_classes) < 2:
             raise ValueError(f"a classifier needs num_classes >= 2, got {num_classes}")
         model: nn.Module = Classifier(trunk, feature_dim, int(num_classes))
@@ -200,7 +271,7 @@ def build_model(
         if int(embedding_dim) < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
         model = EmbeddingNet(trunk, feature_dim, int(embedding_dim), normalize=normalize, head_init=head_init,
-                             flip_tta=flip_tta)
+                             flip_tta=flip_tta, head_hidden=int(head_hidden))
     model._partmatch_spec = _plain(  # type: ignore[assignment]
         {
             "version": SPEC_VERSION,
@@ -213,6 +284,7 @@ def build_model(
             "normalize": bool(normalize),
             "head_init": str(head_init),
             **({"flip_tta": True} if flip_tta else {}),  # only when on: specs without it load in older code
+            **({"head_hidden": int(head_hidden)} if head_hidden else {}),  # likewise
             "backbone_kwargs": dict(backbone_kwargs),
         },
         "spec",

@@ -39,7 +39,7 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def normalisation(p: TrainingParams, channels: int) -> tuple[tuple, tuple]:
     """Input mean/std: ImageNet statistics for pretrained backbones (grey replicated), 0.5/0.5 otherwise."""
-    if p.pretrained or p.backbone != "study_cnn":
+    if p.pretrained or p.backbone not in ("study_cnn", "pca"):
         mean, std = IMAGENET_STATS
         if channels == 1:
             return (float(np.mean(mean)),), (float(np.mean(std)),)
@@ -63,14 +63,54 @@ def encode_labels(labels: pd.Series, classes: list[str]) -> np.ndarray:
     return labels.map(lambda c: lookup.get(c, -1)).to_numpy(dtype=np.int64)
 
 
-def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, image_size: int) -> torch.nn.Module:
-    """The model described by the parameters (study trunk or a registered backbone)."""
+def build_from_params(p: TrainingParams, num_classes: int, in_channels: int, image_size: int,
+                      pca_components: int | None = None) -> torch.nn.Module:
+    """The model described by the parameters (study trunk, PCA projection or a registered backbone).
+    ``pca_components``: the components the PCA keeps (:func:`pca_size`; default ``p.pca_components``)."""
     kwargs: dict[str, Any] = {}
-    if p.backbone != "study_cnn":
+    if p.backbone == "pca":
+        kwargs = {"components": int(pca_components or p.pca_components)}
+    elif p.backbone != "study_cnn":
         kwargs = {"pretrained": p.pretrained, "weights_path": p.weights_path}
     return build_model(p.task, num_classes=num_classes, embedding_dim=p.embedding_dim, in_channels=in_channels,
                        image_size=image_size, backbone=p.backbone, normalize=p.normalize,
-                       head_init=p.head_init, flip_tta=p.flip_tta, **kwargs)
+                       head_init=p.head_init, flip_tta=p.flip_tta, head_hidden=p.head_hidden, **kwargs)
+
+
+def pca_size(p: TrainingParams, train_images: int, pixels: int) -> int:
+    """Components the PCA backbone keeps: ``p.pca_components``, at most the number of training images and of
+    pixel values (a PCA of n rows has at most n axes; small data sets such as the demo get fewer)."""
+    k = min(int(p.pca_components), int(train_images), int(pixels))
+    if k < p.pca_components:
+        logger.info("PCA: %d components instead of %d (%d training images, %d pixel values).", k, p.pca_components,
+                    train_images, pixels)
+    return k
+
+
+def fit_pca_features(model: torch.nn.Module, images: np.ndarray, train_rows: np.ndarray, p: TrainingParams,
+                     mean: tuple, std: tuple, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Fit the model's PCA backbone on the TRAIN rows only (normalised pixels, as the model sees them), then
+    project every image through it: ``(features, explained_variance_ratio)``. ``features`` is ``(N, k)``, or
+    ``(N, 2, k)`` with the mirrored image as view 1 (:func:`feature_views`), computed by the fitted backbone
+    itself (the same code that embeds a query photo)."""
+    pca = model.backbone
+    channels = int(images.shape[1])
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    if m.size == 1 and channels > 1:
+        m, s = np.repeat(m, channels, axis=1), np.repeat(s, channels, axis=1)
+    x = (np.asarray(images[np.asarray(train_rows)], dtype=np.float32) / 255.0 - m) / s
+    started = time.perf_counter()
+    ratio = pca.fit(x.reshape(len(x), -1), seed=p.seed, whiten=p.pca_whiten)
+    del x
+    fitted = time.perf_counter() - started
+    views = [embed_images(pca, images, batch_size=p.eval_batch_size, device=device, mean=mean, std=std,
+                          mirror=mirror) for mirror in (False, True)[: feature_views(p)]]
+    feats = views[0] if len(views) == 1 else np.stack(views, axis=1)
+    logger.info("PCA fitted on %d training images in %.1f s: %d components explain %.2f%% of their variance; "
+                "projected %d images in %.1f s.", len(train_rows), fitted, len(ratio), 100 * float(np.sum(ratio)),
+                len(images), time.perf_counter() - started - fitted)
+    return feats, np.asarray(ratio)
 
 
 def make_objective(p: TrainingParams, model: torch.nn.Module, num_classes: int) -> BaseObjective:
@@ -87,13 +127,13 @@ def make_objective(p: TrainingParams, model: torch.nn.Module, num_classes: int) 
 
 
 def uses_cached_features(p: TrainingParams) -> bool:
-    """Frozen pretrained backbone: features are computed once and only the head trains."""
-    return p.train_mode == "frozen" and p.backbone != "study_cnn"
+    """Frozen pretrained backbone or the PCA projection: features are computed once and only the head trains."""
+    return p.backbone == "pca" or (p.train_mode == "frozen" and p.backbone != "study_cnn")
 
 
 def prepare_backbone(model: torch.nn.Module, p: TrainingParams) -> list[dict]:
     """Freeze the backbone as ``train_mode`` asks and return optimiser groups (backbone at a lower rate)."""
-    if p.backbone == "study_cnn":
+    if p.backbone in ("study_cnn", "pca"):  # the PCA projection has no parameters (buffers only)
         return [{"params": [q for q in model.parameters() if q.requires_grad], "name": "model"}]
     from partmatch.ml.backbones import set_trainable
 
@@ -116,8 +156,9 @@ def feature_views(p: TrainingParams) -> int:
 
 def backbone_features(images: np.ndarray, p: TrainingParams) -> np.ndarray:
     """Pooled features of the frozen pretrained backbone for every image, ``(N, D)``, or ``(N, 2, D)`` with the
-    mirrored image's features as view 1 (see :func:`feature_views`); empty when the mode is not frozen."""
-    if not uses_cached_features(p):
+    mirrored image's features as view 1 (see :func:`feature_views`); empty when the mode is not frozen, and for
+    the PCA backbone, whose projection is fitted on the train split inside :func:`train`."""
+    if not uses_cached_features(p) or p.backbone == "pca":
         return np.zeros((0, 0), dtype=np.float32)
     from partmatch.ml.backbones import inference_copy
 
@@ -266,9 +307,16 @@ def _train_here(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams
     channels, size = int(images.shape[1]), int(images.shape[2])
     mean, std = normalisation(p, channels)
     seed_everything(p.seed)
-    model = build_from_params(p, len(classes), channels, size)
-    objective = make_objective(p, model, len(classes))
+    pca_k = pca_size(p, len(train_rows), channels * size * size) if p.backbone == "pca" else None
+    model = build_from_params(p, len(classes), channels, size, pca_components=pca_k)
     device = str(resolve_device(p.device))
+    explained, pca_seconds = None, 0.0
+    if p.backbone == "pca":  # fitted on the train rows only; its projections are the head's cached features
+        # (sklearn's seeded generator: torch's, which initialised the head and draws the batches, is untouched)
+        pca_started = time.perf_counter()
+        features, explained = fit_pca_features(model, images, train_rows, p, mean, std, device)
+        pca_seconds = time.perf_counter() - pca_started
+    objective = make_objective(p, model, len(classes))
     groups = prepare_backbone(model, p)
     config = train_config(p, checkpoint_dir, mean, std)
     logger.info("Training %s (%s, loss %s, sampler %s) on %d images / %d categories, validating on %d, device %s.",
@@ -300,6 +348,9 @@ def _train_here(images: np.ndarray, split_index: pd.DataFrame, p: TrainingParams
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     summary.update({"wall_seconds": time.perf_counter() - started, "train_images": int(len(train_rows)),
                     "classes": len(classes)})
+    if explained is not None:
+        summary.update({"pca_components": int(len(explained)), "pca_explained_variance": float(np.sum(explained)),
+                        "pca_fit_seconds": float(pca_seconds)})
     bundle = {
         "spec": model_spec(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -73,6 +73,8 @@ def evaluate_model(model: dict, embeddings: np.ndarray, split_index: pd.DataFram
                     "train_images_per_second": float(summary["images_per_second"]), "device": summary["device"],
                     "train_wall_seconds": float(summary["wall_seconds"]),
                     "train_processes": int(summary.get("world_size", 1))})
+    metrics.update({k: summary[k] for k in ("pca_components", "pca_explained_variance", "pca_fit_seconds")
+                    if k in summary})
     if summary.get("gpu_name"):
         metrics.update({"gpu_name": summary["gpu_name"], "gpu_peak_memory_mb": summary["gpu_peak_memory_mb"]})
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
