@@ -239,6 +239,9 @@ class TrainingParams(_Params):
     distributed: DistributedParams = Field(default_factory=DistributedParams)
     # evaluation: retrieval metrics also after re-ranking (rerank_<mode>_* keys); none = only the plain ones
     rerank: RerankParams = Field(default_factory=RerankParams)
+    # interpretability figures (node interpret_embeddings): the 2-D map's method, queries in the neighbour gallery
+    embedding_map: Literal["tsne", "pca"] = "tsne"
+    gallery_queries: int = Field(8, ge=1, le=40)
 
     @field_validator("loss", "sampler", mode="before")
     @classmethod

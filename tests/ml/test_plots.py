@@ -149,3 +149,52 @@ def test_comparison_bar_chart(tmp_path):
     saved_png(fig, tmp_path / "compare.png")
     with pytest.raises(ValueError, match="recall_at_1"):
         P.comparison_bar_chart(table, ["recall_at_1"])
+
+
+# ------------------------------------------------------------------------------------------ interpretability
+
+
+def png_size(fig: Figure, path, dpi: int = 50) -> tuple[int, int]:
+    from PIL import Image
+
+    fig.savefig(path, dpi=dpi)
+    with Image.open(path) as img:
+        img.load()  # decodes the whole image
+        return img.size
+
+
+def test_embedding_map_colours_each_category_and_decodes_at_its_size(tmp_path):
+    xy = np.array([[0, 0], [1, 1], [2, 2], [3, 3], [4, 4.0]])
+    fig = P.embedding_map_figure(xy, ["b", "a", "b", "c", "a"], method="PCA")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (2)", "b (2)", "c (1)"]
+    assert [len(c.get_offsets()) for c in ax.collections] == [2, 2, 1]
+    assert png_size(fig, tmp_path / "map.png") == (round(P.MAP_SIZE[0] * 50), round(P.MAP_SIZE[1] * 50))
+
+
+def test_neighbour_gallery_marks_correct_neighbours_green(tmp_path):
+    images = np.arange(6 * 8 * 8, dtype=np.uint8).reshape(6, 1, 8, 8)
+    labels = np.array(["A", "A", "B", "B", "A", "B"])
+    fig = P.neighbour_gallery_figure(images, np.array([0, 2]), np.array([[1, 2, 4], [5, 0, 3]]), labels)
+    axes = fig.axes
+    assert len(axes) == 2 * 4
+    colours = [matplotlib.colors.to_hex(ax.spines["top"].get_edgecolor()) for ax in axes]
+    green, red, blue = (matplotlib.colors.to_hex(c) for c in (P.POSITIVE_COLOR, P.NEGATIVE_COLOR, "tab:blue"))
+    assert colours == [blue, green, red, green, blue, green, red, green]
+    assert png_size(fig, tmp_path / "gallery.png") == (round(4 * P.GALLERY_CELL * 50), round((2 * (P.GALLERY_CELL + 0.3) + 0.4) * 50))
+
+
+def test_confusion_and_per_category_bars_show_the_tables(tmp_path):
+    confused = pd.DataFrame({"query_category": ["A", "C"], "retrieved_category": ["B", "B"], "count": [4, 1],
+                             "share": [0.8, 0.25]})
+    fig = P.confused_pairs_figure(confused)
+    ax = fig.axes[0]
+    top_down = sorted(ax.get_yticklabels(), key=lambda t: -t.get_position()[1])
+    assert [t.get_text() for t in top_down] == ["A -> B", "C -> B"]  # top bar = most confused
+    assert [round(p.get_width()) for p in ax.patches] == [4, 1]
+    assert png_size(fig, tmp_path / "confused.png") == (round(P.BAR_WIDTH * 50), round((1.2 + 0.3 * 2) * 50))
+    table = pd.DataFrame({"category": ["A", "B", "C"], "queries": [5, 4, 2], "precision_at_1": [0.2, 0.5, 1.0]})
+    fig = P.per_category_precision_figure(table)
+    assert [p.get_width() for p in fig.axes[0].patches] == [0.2, 0.5, 1.0]
+    assert png_size(fig, tmp_path / "per_category.png") == (round(P.BAR_WIDTH * 50), round((1.2 + 0.3 * 3) * 50))
+    assert png_size(P.confused_pairs_figure(confused.iloc[:0]), tmp_path / "none.png") == (round(P.BAR_WIDTH * 50), 75)

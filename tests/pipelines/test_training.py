@@ -15,6 +15,7 @@ from partmatch.pipelines.training.nodes import (
     embed_images,
     evaluate_model,
     index_gallery,
+    interpret_embeddings,
     train_model,
 )
 from tests.conftest import TINY_CLASSES, tiny_set, training_params
@@ -76,6 +77,10 @@ def test_evaluate_model_writes_the_metrics_contract(trained):
     # squares at distinct positions (even raw pixels separate them): two epochs retrieve every test photo's
     # category first and rank all its photos ahead of any other
     assert metrics["precision_at_1"] == 1.0 and metrics["map_at_r"] == 1.0 and metrics["recall_at_1"] == 1.0
+    # ... so the test photos cluster by category and a linear SVM on the train photos' embeddings names them all
+    assert metrics["nmi"] == pytest.approx(1.0) and metrics["ami"] == pytest.approx(1.0)
+    assert metrics["linear_svm_accuracy"] == 1.0 and metrics["knn_accuracy"] == 1.0
+    assert {"open_set_nmi", "open_set_ami"} <= set(metrics)
     # the loss figure plots the history's losses per epoch
     (loss_line,) = [ln for ln in figure.axes[0].get_lines() if ln.get_label() == "train loss"]
     assert list(loss_line.get_xdata()) == [1, 2]
@@ -119,3 +124,24 @@ def test_gallery_index_holds_every_catalogue_photo_and_finds_itself(trained):
     assert list(result.ids[:, 0]) == list(index["path"][1:4])   # each photo's nearest item is itself, at 0
     np.testing.assert_allclose(result.distances[:, 0], 0, atol=1e-5)
     assert list(result.labels[:, 0]) == list(index["label"][1:4])
+
+
+def test_interpretability_figures_and_tables_describe_the_open_set(trained):
+    from partmatch.ml import interpret
+
+    images, index, p, bundle, _, _, emb = trained
+    model = calibrate_threshold(bundle, emb, index, p)[0]
+    emap, gallery, confused_fig, per_cat_fig, confused, per_category = interpret_embeddings(
+        model, emb, index, images, params(gallery_queries=2, embedding_map="pca"))
+    open_rows = np.flatnonzero(index["split"].to_numpy() == "open")
+    labels = index["label"].to_numpy()[open_rows]
+    # the tables are those of the open set's leave-one-out neighbours
+    nb = interpret.leave_one_out_neighbours(emb[open_rows], 5)
+    assert per_category.equals(interpret.per_category_precision(labels, nb))
+    assert confused.equals(interpret.confused_pairs(labels, nb))
+    assert sorted(per_category["category"]) == sorted(set(labels))
+    # the map shows every open-set photo, one colour per category; the gallery 2 queries x (1 + 5 neighbours)
+    assert sum(len(c.get_offsets()) for c in emap.axes[0].collections) == len(open_rows)
+    assert len(emap.axes[0].collections) == len(set(labels))
+    assert len(gallery.axes) == 2 * 6
+    assert len(per_cat_fig.axes[0].patches) == len(per_category)

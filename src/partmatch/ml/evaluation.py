@@ -246,6 +246,88 @@ def retrieval_metrics(
     return {f"{prefix}{key}": out[f"{prefix}{key}"] for key in keys}
 
 
+# ========================================================================= clustering and classification
+
+
+class _SeededKMeans:
+    """PML ``kmeans_func``: sklearn's k-means (k-means++ seeding, best of ``n_init`` runs, ``seed``), so the
+    clusters, and NMI / AMI with them, are reproducible and not left in a poor local optimum by one random start."""
+
+    def __init__(self, seed: int = 0, n_init: int = 10) -> None:
+        self.seed, self.n_init = int(seed), int(n_init)
+
+    def __call__(self, query: torch.Tensor, num_clusters: int) -> np.ndarray:
+        from sklearn.cluster import KMeans
+
+        x = query.detach().cpu().numpy().astype(np.float64)
+        return KMeans(n_clusters=int(num_clusters), n_init=self.n_init, random_state=self.seed).fit_predict(x)
+
+
+def _geometry(emb: np.ndarray, distance: str) -> np.ndarray:
+    """Embeddings as the distance sees them: L2-normalised for ``cosine``, unchanged otherwise."""
+    if distance == "cosine":
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
+def clustering_metrics(emb: np.ndarray, labels: np.ndarray, *, prefix: str = "", seed: int = 0,
+                       distance: str = "euclidean") -> dict[str, float]:
+    """Clustering quality of the embeddings: ``nmi`` and ``ami`` (each with ``prefix``), pytorch-metric-learning
+    ``AccuracyCalculator``'s ``NMI`` / ``AMI``: k-means with k = the number of categories (sklearn, seeded,
+    :class:`_SeededKMeans`; on L2-normalised vectors for ``cosine``) against the categories. 1.0 when the
+    clusters are the categories; about 0 (AMI) for clusters that owe nothing to them. NaN for fewer than two
+    categories."""
+    check_distance(distance)
+    x = _geometry(_as_2d("emb", emb), distance)
+    raw = _as_labels("labels", labels, len(x))
+    _, codes = np.unique(raw, return_inverse=True)
+    if codes.max(initial=0) < 1:
+        return {f"{prefix}nmi": float("nan"), f"{prefix}ami": float("nan")}
+    calculator = AccuracyCalculator(include=("NMI", "AMI"), device=torch.device("cpu"),
+                                    kmeans_func=_SeededKMeans(seed))
+    out = calculator.get_accuracy(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                                  torch.from_numpy(codes.astype(np.int64)))
+    return {f"{prefix}nmi": float(out["NMI"]), f"{prefix}ami": float(out["AMI"])}
+
+
+#: embeddings wider than this are reduced by a PCA (fitted on the training embeddings) before the linear SVM
+SVM_MAX_DIM = 2048
+SVM_REDUCED_DIM = 256
+
+
+def linear_svm_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray,
+                        test_labels: np.ndarray, *, seed: int = 0, distance: str = "euclidean") -> float:
+    """Test accuracy of a linear SVM (sklearn ``LinearSVC``, one-vs-rest, C=1) trained on the training embeddings:
+    how linearly separable the categories are (the DML workflow's classification probe). Features are
+    standardised on the training embeddings (L2-normalised first for ``cosine``); embeddings wider than
+    :data:`SVM_MAX_DIM` (a classifier's 40000 trunk features) are first reduced to :data:`SVM_REDUCED_DIM`
+    principal axes of the training embeddings. The k-NN probe is ``knn_accuracy`` of :func:`retrieval_metrics`.
+    NaN when there is no test embedding or fewer than two training categories."""
+    import warnings
+
+    from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    check_distance(distance)
+    xtr, xte = _geometry(_as_2d("train_emb", train_emb), distance), _as_2d("test_emb", test_emb)
+    ytr = _as_labels("train_labels", train_labels, len(xtr))
+    yte = _as_labels("test_labels", test_labels, len(xte))
+    if len(np.unique(ytr)) < 2 or len(xte) == 0:
+        return float("nan")
+    xte = _geometry(xte, distance)
+    steps = []
+    if xtr.shape[1] > SVM_MAX_DIM:
+        steps.append(PCA(n_components=min(SVM_REDUCED_DIM, *xtr.shape), random_state=seed))
+    model = make_pipeline(*steps, StandardScaler(), LinearSVC(C=1.0, random_state=seed, max_iter=2000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the probe's accuracy is what counts, logged anyway
+        model.fit(xtr, ytr)
+    return float((model.predict(xte) == yte).mean())
+
+
 # ====================================================================================== pair verification
 
 

@@ -273,3 +273,121 @@ def rejection_curve_figure(
     ax_det.legend(loc="upper right", fontsize=8)
     ax_det.grid(alpha=0.3, which="both")
     return fig
+
+
+# ================================================================== interpretability (partmatch.ml.interpret)
+
+MAP_SIZE = (9.0, 7.0)
+BAR_WIDTH = 9.0
+GALLERY_CELL = 1.3  # inches per thumbnail
+
+
+def _no_data(fig: Figure, message: str) -> Figure:
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, wrap=True)
+    ax.set_axis_off()
+    return fig
+
+
+def embedding_map_figure(xy: np.ndarray, labels: Sequence, title: str = "Open-set embeddings",
+                         method: str = "t-SNE") -> Figure:
+    """Scatter of a 2-D map of embeddings (:func:`partmatch.ml.interpret.project_2d`), one colour per category
+    (legend up to 20 categories). Always :data:`MAP_SIZE` inches."""
+    fig = Figure(figsize=MAP_SIZE, layout="constrained")
+    xy, labels = np.asarray(xy, dtype=float), np.asarray(labels).astype(str)
+    if len(xy) != len(labels):
+        raise ValueError(f"{len(xy)} points but {len(labels)} labels")
+    if len(xy) == 0:
+        return _no_data(fig, "No embeddings to map (the split has no photos).")
+    ax = fig.subplots()
+    names = np.unique(labels)
+    cmap = "tab20" if len(names) <= 20 else "nipy_spectral"
+    from matplotlib import colormaps
+
+    colours = colormaps[cmap](np.linspace(0, 1, max(len(names), 2), endpoint=len(names) > 20))
+    for i, name in enumerate(names):
+        pts = xy[labels == name]
+        ax.scatter(pts[:, 0], pts[:, 1], s=12, alpha=0.8, color=colours[i % len(colours)],
+                   label=f"{name} ({len(pts)})")
+    if len(names) <= 20:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, title="category (photos)")
+    ax.set_title(f"{title}: {method} map, {len(xy)} photos, {len(names)} categories")
+    ax.set_xlabel(f"{method} 1")
+    ax.set_ylabel(f"{method} 2")
+    return fig
+
+
+def neighbour_gallery_figure(images: np.ndarray, query_rows: np.ndarray, neighbour_rows: np.ndarray,
+                             labels: Sequence, title: str = "Open-set queries and their nearest photos") -> Figure:
+    """One row per query: the query photo, then its nearest photos (``neighbour_rows``, nearest first) framed
+    green when of the query's category and red otherwise, each captioned with its category. The figure is
+    ``GALLERY_CELL`` inches per thumbnail: ``(1 + k) x GALLERY_CELL`` wide, ``rows x (GALLERY_CELL + 0.3)`` high."""
+    query_rows, neighbour_rows = np.asarray(query_rows, dtype=np.int64), np.asarray(neighbour_rows, dtype=np.int64)
+    labels = np.asarray(labels).astype(str)
+    n, k = (len(query_rows), neighbour_rows.shape[1]) if neighbour_rows.ndim == 2 else (0, 5)
+    fig = Figure(figsize=((1 + k) * GALLERY_CELL, max(n, 1) * (GALLERY_CELL + 0.3) + 0.4), layout="constrained")
+    if n == 0:
+        return _no_data(fig, "No query to show (no category with two photos).")
+    axes = np.asarray(fig.subplots(n, 1 + k, squeeze=False))
+    for i, q in enumerate(query_rows):
+        for j, row in enumerate([q, *neighbour_rows[i]]):
+            ax = axes[i, j]
+            img = np.asarray(images[row])
+            ax.imshow(img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            name = labels[row]
+            if j == 0:
+                colour, caption = "tab:blue", f"query: {name}"
+            else:
+                colour = POSITIVE_COLOR if name == labels[q] else NEGATIVE_COLOR
+                caption = f"{j}. {name}"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3 if j else 2)
+            ax.set_title(caption[:22], fontsize=6, color=colour)
+    fig.suptitle(f"{title} (green: same category, red: another)", fontsize=9)
+    return fig
+
+
+def _bar_height(rows: int) -> float:
+    return 1.2 + 0.3 * max(rows, 1)
+
+
+def confused_pairs_figure(table: pd.DataFrame, title: str = "Most confused open-set categories") -> Figure:
+    """Horizontal bars of :func:`partmatch.ml.interpret.confused_pairs`: "query -> retrieved" with the number of
+    the query category's photos whose nearest photo is of the retrieved one (and the share). ``BAR_WIDTH``
+    inches wide, ``1.2 + 0.3`` inches per pair high."""
+    fig = Figure(figsize=(BAR_WIDTH, _bar_height(len(table))), layout="constrained")
+    if len(table) == 0:
+        return _no_data(fig, "No confusion: every query's nearest photo is of its own category.")
+    ax = fig.subplots()
+    names = [f"{a} -> {b}" for a, b in zip(table["query_category"], table["retrieved_category"], strict=True)]
+    y = np.arange(len(table))[::-1]
+    bars = ax.barh(y, table["count"].to_numpy(), color=NEGATIVE_COLOR, alpha=0.8)
+    ax.bar_label(bars, labels=[f"{c} ({s:.0%})" for c, s in zip(table["count"], table["share"], strict=True)],
+                 padding=2, fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("queries whose nearest photo is of the other category (share of the query category)")
+    ax.set_title(title)
+    ax.margins(x=0.15)
+    return fig
+
+
+def per_category_precision_figure(table: pd.DataFrame, title: str = "Open-set precision@1 per category") -> Figure:
+    """Horizontal bars of :func:`partmatch.ml.interpret.per_category_precision` (worst at the top), each with
+    its number of queries. ``BAR_WIDTH`` inches wide, ``1.2 + 0.3`` inches per category high."""
+    fig = Figure(figsize=(BAR_WIDTH, _bar_height(len(table))), layout="constrained")
+    if len(table) == 0:
+        return _no_data(fig, "No category with two photos to retrieve.")
+    ax = fig.subplots()
+    y = np.arange(len(table))[::-1]
+    values = table["precision_at_1"].to_numpy(dtype=float)
+    bars = ax.barh(y, values, color=[POSITIVE_COLOR if v >= 0.5 else NEGATIVE_COLOR for v in values], alpha=0.8)
+    ax.bar_label(bars, labels=[f"{v:.2f} (n={q})" for v, q in zip(values, table["queries"], strict=True)],
+                 padding=2, fontsize=8)
+    ax.set_yticks(y, table["category"].astype(str).tolist(), fontsize=8)
+    ax.set_xlim(0, 1.2)
+    ax.set_xlabel("precision@1 (leave-one-out: share of the category's photos whose nearest photo is of it)")
+    ax.set_title(title)
+    return fig

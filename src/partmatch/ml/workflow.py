@@ -458,7 +458,9 @@ def unknown_part_threshold(train_emb: np.ndarray, train_labels: np.ndarray, dist
 
 
 def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p: TrainingParams) -> dict[str, float]:
-    """The evaluation contract: closed-set retrieval (test vs train), open-set leave-one-out, pairs, accuracy."""
+    """The evaluation contract: closed-set retrieval (test vs train), open-set leave-one-out, pairs, accuracy,
+    clustering quality (``nmi`` / ``ami`` of the test embeddings, ``open_set_nmi`` / ``open_set_ami``) and the
+    linear-SVM probe (``linear_svm_accuracy``: trained on the train split's embeddings, scored on the test split)."""
     emb = _check_embeddings(embeddings, split_index)
     y = encode_labels(split_index["label"], bundle["classes"])
     codes = pd.factorize(split_index["label"])[0]  # open-set categories need ids too (not the model's)
@@ -473,11 +475,47 @@ def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p:
         metrics.update(rejection_metrics(emb[rows["train"]], split_index["label"].to_numpy()[rows["train"]],
                                          emb[rows["test"]], split_index["label"].to_numpy()[rows["test"]],
                                          emb[rows["open"]], unknown_threshold, bundle.get("distance", "euclidean")))
+    distance = bundle.get("distance", "euclidean")
+    if len(rows["test"]):  # clustering quality and the linear-SVM probe (k-NN: knn_accuracy above)
+        metrics.update(evaluation.clustering_metrics(emb[rows["test"]], y[rows["test"]], seed=p.seed,
+                                                     distance=distance))
+        metrics["linear_svm_accuracy"] = evaluation.linear_svm_accuracy(
+            emb[rows["train"]], y[rows["train"]], emb[rows["test"]], y[rows["test"]], seed=p.seed, distance=distance)
+    if len(rows["open"]):
+        metrics.update(evaluation.clustering_metrics(emb[rows["open"]], codes[rows["open"]], prefix="open_set_",
+                                                     seed=p.seed, distance=distance))
     if p.task == "classifier" and len(rows["test"]):
         logp = Embedder(bundle).log_probs_from_embeddings(emb[rows["test"]])
         metrics["test_accuracy"] = evaluation.classification_accuracy(logp, y[rows["test"]])
     metrics["threshold"] = float(bundle["threshold"]) if bundle["threshold"] is not None else float("nan")
     return metrics
+
+
+def interpretability(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p: TrainingParams,
+                     k: int = 5) -> dict[str, Any]:
+    """What the interpretability figures show, for the open set (the categories no model trained on; the test
+    split when there is no open set): each photo's ``k`` nearest other photos (leave-one-out), per-category
+    precision@1, the most confused category pairs, a seeded 2-D map (``p.embedding_map``) and a seeded choice
+    of ``p.gallery_queries`` query photos. Rows are rows of the image array."""
+    from partmatch.ml import interpret
+
+    emb = _check_embeddings(embeddings, split_index)
+    distance = bundle.get("distance", "euclidean")
+    split = "open" if len(split_rows(split_index, "open")) >= 3 else "test"
+    rows = split_rows(split_index, split)
+    labels = split_index["label"].to_numpy()[rows].astype(str)
+    out: dict[str, Any] = {"split": split, "rows": rows, "labels": labels}
+    if len(rows) < 2:
+        return {**out, "neighbours": np.zeros((0, k), dtype=np.int64), "queries": np.zeros(0, dtype=np.int64),
+                "xy": np.zeros((len(rows), 2)), "per_category": interpret.per_category_precision(labels[:0],
+                np.zeros((0, 1), dtype=np.int64)), "confused": interpret.confused_pairs(labels[:0],
+                np.zeros((0, 1), dtype=np.int64))}
+    neighbours = interpret.leave_one_out_neighbours(emb[rows], k, distance)
+    picked = interpret.gallery_queries(labels, p.gallery_queries, seed=p.seed)
+    return {**out, "neighbours": rows[neighbours[picked]], "queries": rows[picked],
+            "per_category": interpret.per_category_precision(labels, neighbours),
+            "confused": interpret.confused_pairs(labels, neighbours),
+            "xy": interpret.project_2d(emb[rows], p.embedding_map, seed=p.seed, distance=distance)}
 
 
 def rejection_metrics(gallery_emb: np.ndarray, gallery_labels: np.ndarray, known_emb: np.ndarray,

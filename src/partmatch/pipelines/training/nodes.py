@@ -82,6 +82,23 @@ def evaluate_model(model: dict, embeddings: np.ndarray, split_index: pd.DataFram
     return metrics, plots.loss_curves(history.to_dict("records"))
 
 
+def interpret_embeddings(model: dict, embeddings: np.ndarray, split_index: pd.DataFrame, image_array: np.ndarray,
+                         params: dict[str, Any]) -> tuple[Figure, Figure, Figure, Figure, pd.DataFrame, pd.DataFrame]:
+    """Interpretability figures of the open-set embeddings (the test split's without an open set): a 2-D map
+    coloured by category, queries with their 5 nearest photos, the most confused category pairs and
+    per-category precision@1 (figures, and the last two as tables)."""
+    p = config.parse("model", params, config.TrainingParams)
+    found = workflow.interpretability(model, embeddings, split_index, p)
+    which = "Open-set" if found["split"] == "open" else "Test-split"
+    method = {"tsne": "t-SNE", "pca": "PCA"}[p.embedding_map]
+    return (plots.embedding_map_figure(found["xy"], found["labels"], f"{which} embeddings", method),
+            plots.neighbour_gallery_figure(image_array, found["queries"], found["neighbours"], split_index["label"],
+                                           f"{which} queries and their nearest photos"),
+            plots.confused_pairs_figure(found["confused"], f"Most confused {which.lower()} categories"),
+            plots.per_category_precision_figure(found["per_category"], f"{which} precision@1 per category"),
+            found["confused"], found["per_category"])
+
+
 def index_gallery(model: dict, embeddings: np.ndarray, split_index: pd.DataFrame,
                   index_params: dict[str, Any] | None) -> GalleryIndex:
     """The search index of the training source's catalogue: every photo's embedding with its part name, file

@@ -11,6 +11,7 @@ from .nodes import (
     embed_images,
     evaluate_model,
     index_gallery,
+    interpret_embeddings,
     train_model,
     train_model_on_features,
 )
@@ -23,7 +24,8 @@ FEATURE_CACHING_MODELS = ("siamese_pretrained", "multi_objective")
 
 def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
     """The template: (cache frozen features) -> train -> embed every image once -> calibrate the pair threshold
-    -> evaluate; the embeddings also become the gallery index the served model searches."""
+    -> evaluate, and interpretability figures; the embeddings also become the gallery index the served model
+    searches."""
     if cached_features:
         head = [
             Node(cache_backbone_features, ["image_array", "params:model"], "backbone_features",
@@ -50,6 +52,10 @@ def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
             Node(evaluate_model, ["model", "embeddings", "split_index", "training_history", "training_summary",
                                   "params:model"],
                  ["metrics", "loss_curves"], name="evaluate_model"),
+            Node(interpret_embeddings, ["model", "embeddings", "split_index", "image_array", "params:model"],
+                 ["embedding_map_chart", "neighbour_gallery_chart", "confused_pairs_chart",
+                  "per_category_precision_chart", "confused_pairs_table", "per_category_precision_table"],
+                 name="interpret_embeddings"),
             Node(index_gallery, ["model", "embeddings", "split_index", "params:search.index"], "gallery_index",
                  name="index_gallery"),
         ]
