@@ -5,7 +5,9 @@
 Runs `kedro run` (ingestion + preprocessing once, then every model pipeline with fixed epochs, early stopping
 off) exactly as a user would, with `raw_source` pointing at the photos, then reads each run's versioned
 metrics.json. Triplet training is run once per sampling strategy (random = the study, semihard, hard), and
-with / without the similarity-preserving penalty (`preserve_weight`) to show what each part contributes.
+with / without the similarity-preserving penalty (`preserve_weight`) to show what each part contributes; the
+study's further work follows: the quadruplet loss, augmentation on / off, and PCA inputs (`siamese_pca`).
+`--only NAME ...` runs a subset of the rows.
 Prints a markdown table next to the study's numbers and writes it to bench/results/compare_models.md.
 """
 
@@ -34,10 +36,22 @@ VARIANTS = [("cnn", "cnn", {}), ("siamese_contrastive", "siamese_contrastive", {
             ("siamese_triplet[random, default preserve_weight]", "siamese_triplet", {"sampling": "random"}),
             ("siamese_triplet[hard]", "siamese_triplet", {"sampling": "hard"}),
             ("siamese_pretrained", "siamese_pretrained", {}),
-            ("multi_objective", "multi_objective", {})]
+            ("multi_objective", "multi_objective", {}),
+            # the study's further work (chapter 6): the quadruplet loss, augmentation on/off, PCA inputs
+            ("siamese_triplet[quadruplet]", "siamese_triplet", {"loss": "quadruplet", "margin2": 0.1}),
+            ("siamese_triplet[semihard, augment]", "siamese_triplet", {"augment": "true"}),
+            ("siamese_contrastive[no augment]", "siamese_contrastive", {"augment": "false"}),
+            ("siamese_contrastive[quadruplet]", "siamese_contrastive", {"loss": "quadruplet", "margin2": 0.5}),
+            ("siamese_pca", "siamese_pca", {}),
+            ("siamese_pca[no augment]", "siamese_pca", {"augment": "false"}),
+            ("siamese_pca[quadruplet]", "siamese_pca", {"loss": "quadruplet", "margin2": 0.1}),
+            ("siamese_pca[linear head]", "siamese_pca", {"head_hidden": 0})]
+# the options each row sets (on top of its pipeline's parameters file), shown in the table
+SHOWN_OPTIONS = ("loss", "sampling", "augment", "preserve_weight", "backbone")
 COLUMNS = ["test_accuracy", "pair_accuracy", "roc_auc", "precision_at_1", "map_at_r", "recall_at_4",
-           "open_set_precision_at_1", "open_set_map_at_r", "open_set_pair_accuracy", "epochs",
-           "train_images_per_second", "train_wall_seconds"]
+           "open_set_precision_at_1", "open_set_map_at_r", "open_set_pair_accuracy", "open_set_nmi", "open_set_ami",
+           "knn_accuracy", "linear_svm_accuracy", "pca_explained_variance", "epochs", "train_images_per_second",
+           "train_wall_seconds", "pca_fit_seconds", "run_wall_seconds"]
 
 
 def kedro(args: list[str]) -> None:
@@ -95,6 +109,8 @@ def main() -> None:
         print(render(rows, args))
         return
     started = time.perf_counter()
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
     kedro(["--pipelines=ingestion,preprocessing",
            f"--params=raw_source={args.source},preprocessing.image_size={args.image_size}"])
     rows = {}
@@ -105,24 +121,34 @@ def main() -> None:
         params = ",".join(f"{pipeline}.{k}={v}" for k, v in overrides.items())
         t0 = time.perf_counter()
         kedro([f"--pipeline={pipeline}", f"--params=raw_source={args.source},{params}"])
-        rows[name] = latest_metrics(pipeline)
+        rows[name] = {**latest_metrics(pipeline), "run_wall_seconds": time.perf_counter() - t0,
+                      "options": options(pipeline, extra)}
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        # after every row, so a run cut short keeps what it measured (--report renders it)
+        (out / "compare_models.json").write_text(json.dumps(rows, indent=1))
     table = render(rows, args)
     print(table)
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "compare_models.md").write_text(table + "\n")
     (out / "compare_models.json").write_text(json.dumps(rows, indent=1))
+
+
+def options(pipeline: str, extra: dict) -> str:
+    """The row's main options: its pipeline's parameters file overridden by the row's own settings."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "conf" / "base" / f"parameters_{pipeline}.yml").read_text())[pipeline]
+    params.update(extra)
+    return ", ".join(f"{k} {str(params[k]).lower()}" for k in SHOWN_OPTIONS if k in params)
 
 
 def render(rows: dict[str, dict], args) -> str:
     """The markdown table next to the study's numbers, and the verdicts."""
     lines = [f"# partmatch model comparison on {Path(args.source).name} ({args.epochs} epochs, {args.image_size} px)", "",
-             "| model | study | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+             "| model | options | study | " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---:|" * len(COLUMNS)]
     for name, m in rows.items():
         cells = [("-" if m.get(c) is None else f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c])) for c in COLUMNS]
-        lines.append(f"| {name} | {STUDY.get(name, '-')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {m.get('options', '-')} | {STUDY.get(name, '-')} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""] + verdicts(rows))
 
 
