@@ -4,7 +4,6 @@ tensors, and the same embedding for a photo whichever way it is embedded."""
 import io
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
