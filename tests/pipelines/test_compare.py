@@ -45,3 +45,22 @@ def test_no_trained_model_is_a_clear_error():
 def test_unknown_parameter_fails():
     with pytest.raises(ParameterError, match=r"compare\."):
         compare_models({**PARAMS, "colour": "red"}, cnn=metrics(0.5))
+
+
+def test_each_rows_loss_augmentation_and_backbone_come_from_its_parameters():
+    table, markdown, *_ = compare_models(
+        PARAMS, cnn=metrics(0.5), siamese_triplet=metrics(0.6, nmi=0.75),
+        siamese_triplet__params={"backbone": "study_cnn", "loss": "quadruplet", "augment": True})
+    rows = table.set_index("model")
+    assert rows.loc["siamese_triplet", ["backbone", "loss", "augment"]].tolist() == ["study_cnn", "quadruplet", "true"]
+    assert rows.loc["cnn", ["backbone", "loss", "augment"]].isna().all()  # no parameters given: unknown
+    line = next(x for x in markdown.splitlines() if x.startswith("| siamese_triplet "))
+    assert "| study_cnn | quadruplet | true |" in line and "| 0.7500 |" in line
+
+
+def test_the_compare_pipeline_reads_every_models_parameters():
+    from partmatch.config import MODEL_PIPELINES
+    from partmatch.pipelines.compare import create_pipeline
+
+    (node,) = create_pipeline().nodes
+    assert {f"params:{m}" for m in MODEL_PIPELINES} <= set(node.inputs)
