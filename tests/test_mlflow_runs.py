@@ -74,7 +74,10 @@ def test_each_model_gets_a_child_run_with_unprefixed_names(kedro_project, tmp_pa
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(m.step for m in history) == [1, 2]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"metrics.json", "loss_curves.png", "training_history.csv"} <= artifacts, sorted(artifacts)
+        assert {"metrics.json", "loss_curves.png", "training_history.csv", "embedding_map_chart.png",
+                "neighbour_gallery_chart.png", "confused_pairs_chart.png", "per_category_precision_chart.png",
+                "per_category_precision_table.csv"} <= artifacts, sorted(artifacts)
+        assert {"open_set_nmi", "open_set_ami", "linear_svm_accuracy"} <= set(metrics), sorted(metrics)
         # the trained model, logged as the served identification model of this run
         (logged,) = [m for m in client.search_logged_models(experiment_ids=[exp.experiment_id])
                      if m.source_run_id == run.info.run_id]
