@@ -102,3 +102,14 @@ def test_gallery_queries_take_one_photo_of_distinct_categories():
     assert sorted(names[rows]) == ["A", "C", "D"]  # B has a single photo: nothing to retrieve
     assert len(interpret.gallery_queries(names, 2, seed=0)) == 2
     np.testing.assert_array_equal(rows, interpret.gallery_queries(names, 10, seed=0))
+
+
+def test_span_coordinates_keep_every_inner_product_in_at_most_n_dimensions():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 50)).astype(np.float32)
+    x[5] = x[0] + 2 * x[1]  # rank 5
+    other = rng.normal(size=(3, 50)).astype(np.float32)
+    z, w = evaluation.span_coordinates(x, other)
+    assert z.shape == (6, 5) and w.shape == (3, 5)
+    np.testing.assert_allclose(z @ z.T, x @ x.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(w @ z.T, other @ x.T, rtol=1e-4, atol=1e-3)  # projections onto the span kept

@@ -259,8 +259,25 @@ class _SeededKMeans:
     def __call__(self, query: torch.Tensor, num_clusters: int) -> np.ndarray:
         from sklearn.cluster import KMeans
 
-        x = query.detach().cpu().numpy().astype(np.float64)
+        x = query.detach().cpu().numpy().astype(np.float32)
+        x = span_coordinates(x - x.mean(axis=0))[0]  # same distances, at most N dimensions (a CNN's 40000 -> N)
         return KMeans(n_clusters=int(num_clusters), n_init=self.n_init, random_state=self.seed).fit_predict(x)
+
+
+def span_coordinates(x: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Coordinates of the rows of ``x`` (and of ``others``) in an orthonormal basis of the span of ``x``'s rows
+    (SVD, rank-revealing): inner products and distances among ``x``'s rows are unchanged, and so is any linear
+    model of them whose weights lie in that span (k-means centroids, an L2-regularised linear SVM's weights), in
+    at most ``len(x)`` dimensions. Returned unchanged when they are already no wider than ``len(x)``."""
+    if x.shape[1] <= len(x):
+        return (x, *others)
+    # through the N x N Gram matrix (LAPACK's SVD of a wide matrix is ~50x slower): x x^T = U L U^T, and the
+    # basis x^T U L^-1/2 gives x's rows the coordinates U L^1/2
+    xd = np.asarray(x, dtype=np.float64)
+    eig, u = np.linalg.eigh(xd @ xd.T)
+    keep = eig > eig.max(initial=0.0) * len(x) * np.finfo(np.float32).eps
+    projection = u[:, keep] / np.sqrt(eig[keep])
+    return tuple(((np.asarray(m, dtype=np.float64) @ xd.T) @ projection).astype(x.dtype) for m in (x, *others))
 
 
 def _geometry(emb: np.ndarray, distance: str) -> np.ndarray:
@@ -290,7 +307,7 @@ def clustering_metrics(emb: np.ndarray, labels: np.ndarray, *, prefix: str = "",
     return {f"{prefix}nmi": float(out["NMI"]), f"{prefix}ami": float(out["AMI"])}
 
 
-#: embeddings wider than this are reduced by a PCA (fitted on the training embeddings) before the linear SVM
+#: embeddings wider than this, with more training rows than this, are reduced by a PCA before the linear SVM
 SVM_MAX_DIM = 2048
 SVM_REDUCED_DIM = 256
 
@@ -299,9 +316,11 @@ def linear_svm_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, test_em
                         test_labels: np.ndarray, *, seed: int = 0, distance: str = "euclidean") -> float:
     """Test accuracy of a linear SVM (sklearn ``LinearSVC``, one-vs-rest, C=1) trained on the training embeddings:
     how linearly separable the categories are (the DML workflow's classification probe). Features are
-    standardised on the training embeddings (L2-normalised first for ``cosine``); embeddings wider than
-    :data:`SVM_MAX_DIM` (a classifier's 40000 trunk features) are first reduced to :data:`SVM_REDUCED_DIM`
-    principal axes of the training embeddings. The k-NN probe is ``knn_accuracy`` of :func:`retrieval_metrics`.
+    standardised on the training embeddings (L2-normalised first for ``cosine``); embeddings wider than the
+    number of training embeddings are put in coordinates of the span of the standardised training embeddings
+    (:func:`span_coordinates`: the same SVM, exactly), or, with more than :data:`SVM_MAX_DIM` of both, reduced to
+    :data:`SVM_REDUCED_DIM` principal axes of the training embeddings (a classifier's 40000 trunk features on
+    thousands of photos). The k-NN probe is ``knn_accuracy`` of :func:`retrieval_metrics`.
     NaN when there is no test embedding or fewer than two training categories."""
     import warnings
 
@@ -319,8 +338,11 @@ def linear_svm_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, test_em
         return float("nan")
     xte = _geometry(xte, distance)
     steps = []
-    if xtr.shape[1] > SVM_MAX_DIM:
+    if xtr.shape[1] > SVM_MAX_DIM and len(xtr) > SVM_MAX_DIM:
         steps.append(PCA(n_components=min(SVM_REDUCED_DIM, *xtr.shape), random_state=seed))
+    elif xtr.shape[1] > len(xtr):
+        scaler = StandardScaler().fit(xtr)
+        xtr, xte = span_coordinates(scaler.transform(xtr).astype(np.float32), scaler.transform(xte))
     model = make_pipeline(*steps, StandardScaler(), LinearSVC(C=1.0, random_state=seed, max_iter=2000))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the probe's accuracy is what counts, logged anyway

@@ -83,6 +83,10 @@ def project_2d(emb: np.ndarray, method: str = "tsne", seed: int = 0, distance: s
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if len(x) < 3:
         return np.zeros((len(x), 2)) if len(x) < 2 else np.array([[-1.0, 0.0], [1.0, 0.0]])
+    if x.shape[1] > len(x):  # same distances in at most N dimensions (a classifier's 40000 features -> N)
+        from partmatch.ml.evaluation import span_coordinates
+
+        x = span_coordinates(x - x.mean(axis=0))[0]
     width = min(x.shape[1], len(x))
     if method == "pca" or len(x) < 5:
         xy = PCA(n_components=min(2, width), random_state=seed).fit_transform(x)

@@ -460,7 +460,8 @@ def unknown_part_threshold(train_emb: np.ndarray, train_labels: np.ndarray, dist
 def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p: TrainingParams) -> dict[str, float]:
     """The evaluation contract: closed-set retrieval (test vs train), open-set leave-one-out, pairs, accuracy,
     clustering quality (``nmi`` / ``ami`` of the test embeddings, ``open_set_nmi`` / ``open_set_ami``) and the
-    linear-SVM probe (``linear_svm_accuracy``: trained on the train split's embeddings, scored on the test split)."""
+    linear-SVM probe of embedding models (``linear_svm_accuracy``: trained on the train split's embeddings, scored
+    on the test split; a classifier's ``test_accuracy`` is already a linear probe of its features)."""
     emb = _check_embeddings(embeddings, split_index)
     y = encode_labels(split_index["label"], bundle["classes"])
     codes = pd.factorize(split_index["label"])[0]  # open-set categories need ids too (not the model's)
@@ -479,8 +480,10 @@ def evaluate(bundle: dict, embeddings: np.ndarray, split_index: pd.DataFrame, p:
     if len(rows["test"]):  # clustering quality and the linear-SVM probe (k-NN: knn_accuracy above)
         metrics.update(evaluation.clustering_metrics(emb[rows["test"]], y[rows["test"]], seed=p.seed,
                                                      distance=distance))
-        metrics["linear_svm_accuracy"] = evaluation.linear_svm_accuracy(
-            emb[rows["train"]], y[rows["train"]], emb[rows["test"]], y[rows["test"]], seed=p.seed, distance=distance)
+        if p.task == "embedding":  # a classifier's own head is a linear probe of its features: test_accuracy
+            metrics["linear_svm_accuracy"] = evaluation.linear_svm_accuracy(
+                emb[rows["train"]], y[rows["train"]], emb[rows["test"]], y[rows["test"]], seed=p.seed,
+                distance=distance)
     if len(rows["open"]):
         metrics.update(evaluation.clustering_metrics(emb[rows["open"]], codes[rows["open"]], prefix="open_set_",
                                                      seed=p.seed, distance=distance))
