@@ -56,6 +56,11 @@ def test_each_rows_loss_augmentation_and_backbone_come_from_its_parameters():
     assert rows.loc["cnn", ["backbone", "loss", "augment"]].isna().all()  # no parameters given: unknown
     line = next(x for x in markdown.splitlines() if x.startswith("| siamese_triplet "))
     assert "| study_cnn | quadruplet | true |" in line and "| 0.7500 |" in line
+    # a loss of several parts is named by its parts
+    parts = {"parts": [{"name": "multi_similarity"}, {"name": "proxy_anchor"}]}
+    table = compare_models({**PARAMS, "models": ["cnn"]}, cnn=metrics(0.5),
+                           cnn__params={"loss": parts, "backbone": "efficientnet_lite0", "pretrained": True})[0]
+    assert table.loc[0, "loss"] == "multi_similarity+proxy_anchor" and table.loc[0, "augment"] == "false"
 
 
 def test_the_compare_pipeline_reads_every_models_parameters():

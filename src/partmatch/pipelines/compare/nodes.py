@@ -27,6 +27,15 @@ OPTION_COLUMNS = ["backbone", "loss", "augment"]
 PARAMS_SUFFIX = "__params"
 
 
+def _options(model: str, params: dict | None) -> dict[str, str | None]:
+    """The row's ``backbone``, ``loss`` (in a word: ``triplet``, ``multi_similarity+proxy_anchor``...) and
+    ``augment`` from the model's parameters; None each when they are not given."""
+    if params is None:
+        return dict.fromkeys(OPTION_COLUMNS)
+    p = config.parse(model, params, config.TrainingParams)
+    return {"backbone": p.backbone, "loss": p.loss_name, "augment": str(p.augment).lower()}
+
+
 def compare_models(params: dict[str, Any], **inputs: dict | None) -> tuple[pd.DataFrame, str, Figure, dict]:
     """Build the comparison table (CSV + markdown with the study's numbers) and a grouped bar chart. Keyword
     inputs: each model's metrics under its name and, optionally, its parameters under ``<model>__params``
@@ -40,9 +49,7 @@ def compare_models(params: dict[str, Any], **inputs: dict | None) -> tuple[pd.Da
         if m is None:
             logger.warning("compare: no metrics for '%s' yet (run `kedro run --pipeline=%s`); left out.", name, name)
             continue
-        options = settings.get(name) or {}
-        rows[name] = {**{c: (None if options.get(c) is None else str(options[c]).lower()) for c in OPTION_COLUMNS},
-                      **{c: m.get(c) for c in COLUMNS}}
+        rows[name] = {**_options(name, settings.get(name)), **{c: m.get(c) for c in COLUMNS}}
     if not rows:
         raise ValueError(f"compare: none of {p.models} has been trained yet; run `kedro run` first.")
     table = pd.DataFrame.from_dict(rows, orient="index")
