@@ -152,7 +152,8 @@ class RerankParams(_Params):
 
 
 # Feature sizes of the registered pretrained backbones (partmatch.ml.backbones), for checks before any work.
-_BACKBONE_FEATURES = {"efficientnet_lite0": 1280, "resnet18": 512}
+_BACKBONE_FEATURES = {"efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280,
+                      "resnet18": 512}
 
 
 class DistributedParams(_Params):
@@ -307,7 +308,7 @@ class TrainingParams(_Params):
                              "m_per_class in the old form)")
         if self.pretrained and self.backbone == "study_cnn":
             raise ValueError("backbone 'study_cnn' has no pretrained weights; set pretrained: false or pick "
-                             "efficientnet_lite0 / resnet18")
+                             "efficientnet_lite0 / efficientnet_lite1 / efficientnet_lite2 / resnet18")
         if self.backbone == "pca" and self.pretrained:
             raise ValueError("backbone 'pca' is fitted on the train split; it has no pretrained weights "
                              "(set pretrained: false)")

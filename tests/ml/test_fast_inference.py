@@ -73,6 +73,17 @@ def test_inference_copy_folds_every_batchnorm_and_keeps_the_features(lite0):
     assert _rel(got, ref).max() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_inference_copy_folds_the_larger_lite_backbones_too(name):
+    plain = B.build_backbone(name, in_channels=1, pretrained=True)[0].eval()
+    images = _photos()[:4]
+    fast = B.inference_copy(plain)
+    assert [m for m in fast.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] == []
+    assert fast.net.conv_stem.weight.shape == (32, 1, 3, 3)
+    got = embed_images(fast, images, batch_size=4, mean=GREY[0], std=GREY[1])
+    assert _rel(got, _plain_features(plain, images)).max() < 1e-5
+
+
 def test_inference_copy_leaves_the_original_untouched(lite0):
     before = {k: v.clone() for k, v in lite0.state_dict().items()}
     B.inference_copy(lite0)

