@@ -162,3 +162,19 @@ def test_rerank_arguments_are_checked_against_top_n():
         config.parse("cnn", {"rerank": {"lambda_value": 2}})
     with pytest.raises(ParameterError, match=r"'search.rerank.topn': Extra inputs .* did you mean 'top_n'\?"):
         config.parse("search", {"rerank": {"topn": 5}})
+
+
+def test_only_the_recommended_model_has_its_own_input_size_and_colour():
+    parsed = config.validate_all({"siamese_pretrained": {"image_size": 224, "color_mode": "rgb"}, "cnn": {}})
+    assert (parsed["siamese_pretrained"].image_size, parsed["siamese_pretrained"].color_mode) == (224, "rgb")
+    assert (parsed["cnn"].image_size, parsed["cnn"].color_mode) == (None, None)   # null = preprocessing's
+    with pytest.raises(ParameterError) as err:
+        config.validate_all({"cnn": {"image_size": 224}, "siamese_triplet": {"color_mode": "rgb"}})
+    text = str(err.value)
+    assert "'cnn.image_size': only siamese_pretrained has its own input; cnn trains on image_array (set " \
+           "preprocessing.image_size instead)" in text
+    assert "'siamese_triplet.color_mode'" in text and "parameters_siamese_triplet.yml" in text
+    with pytest.raises(ParameterError, match=r"'siamese_pretrained.color_mode'"):
+        config.parse("siamese_pretrained", {"color_mode": "cmyk"})
+    with pytest.raises(ParameterError, match=r"'siamese_pretrained.image_size'"):
+        config.parse("siamese_pretrained", {"image_size": 4})

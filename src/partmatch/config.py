@@ -243,6 +243,11 @@ class TrainingParams(_Params):
     # interpretability figures (node interpret_embeddings): the 2-D map's method, queries in the neighbour gallery
     embedding_map: Literal["tsne", "pca"] = "tsne"
     gallery_queries: int = Field(8, ge=1, le=40)
+    # The model's own input (only the pipelines in OWN_INPUT_MODELS: siamese_pretrained): its pipeline
+    # preprocesses the photos of split_index again at this size / colour mode (same rows, so the same splits);
+    # null = preprocessing.image_size / preprocessing.color_mode. The study's pipelines keep preprocessing's.
+    image_size: int | None = Field(None, ge=8, le=1024)
+    color_mode: Literal["grayscale", "rgb"] | None = None
 
     @field_validator("loss", "sampler", mode="before")
     @classmethod
@@ -411,6 +416,8 @@ class SearchParams(_Params):
 
 MODEL_PIPELINES = ("cnn", "siamese_contrastive", "siamese_triplet", "siamese_pretrained", "multi_objective",
                    "siamese_pca")
+# Model pipelines with their own input (TrainingParams.image_size / color_mode): a preprocessing node of their own
+OWN_INPUT_MODELS = ("siamese_pretrained",)
 
 SECTIONS: dict[str, type[_Params]] = {
     "ingestion": IngestionParams,
@@ -526,6 +533,16 @@ def validate_all(params: dict[str, Any]) -> dict[str, Any]:
             parsed[section] = parse(section, params[section])
         except ParameterError as exc:
             problems.append(str(exc))
+    for section in MODEL_PIPELINES:
+        p = parsed.get(section)
+        if section in OWN_INPUT_MODELS or p is None:
+            continue
+        own = [key for key in ("image_size", "color_mode") if getattr(p, key) is not None]
+        if own:
+            problems.append(f"Invalid parameters:\n" + "\n".join(
+                f"  - '{section}.{key}': only {', '.join(OWN_INPUT_MODELS)} has its own input; {section} trains on "
+                f"image_array (set preprocessing.{key} instead)" for key in own)
+                + f"\nFix them in conf/base/{PARAMETER_FILES[section]}.")
     if problems:
         raise ParameterError("\n".join(problems))
     return parsed

@@ -9,9 +9,12 @@ from PIL import Image
 
 from partmatch.config import ParameterError
 from partmatch.datasets import ImageSourceDataset
-from partmatch.pipelines.ingestion.nodes import clean_manifest, scan_source
+from partmatch.imaging import preprocess_bytes
+from partmatch.pipelines.ingestion.nodes import clean_manifest, scan_and_decode, scan_source
 from partmatch.pipelines.preprocessing.nodes import (
     PreprocessingError,
+    model_input_params,
+    preprocess_for_model,
     preprocess_images,
     split_images,
 )
@@ -162,3 +165,57 @@ def test_nothing_decodable_fails_with_the_first_reason(tmp_path, monkeypatch):
                                                   rf"{re.escape(source_a.root)}; first failure: Disc/0\.jpg: "
                                                   r"OSError: decoder broke\."):
         preprocess_images(source_a, clean, {"image_size": 16})
+
+
+# ----------------------------------------------------------------------------- a model's own input
+
+
+def test_model_input_params_override_only_what_the_model_sets():
+    base = {"image_size": 100, "color_mode": "grayscale", "background": 200}
+    assert model_input_params(base, {})["image_size"] == 100
+    own = model_input_params(base, {"image_size": 224, "color_mode": "rgb"})
+    assert (own["image_size"], own["color_mode"], own["background"]) == (224, "rgb", 200)
+    assert model_input_params(base, {"color_mode": "rgb"})["image_size"] == 100
+    with pytest.raises(ParameterError, match="model.color_mode"):
+        model_input_params(base, {"color_mode": "cmyk"})
+
+
+def test_model_input_is_the_split_index_rows_at_the_models_size(photo_folder):
+    source, clean = cleaned(photo_folder)
+    _, index = preprocess_images(source, clean, {"image_size": 32})
+    split_index, _, _ = split_images(index, {"open_set_fraction": 0.0})
+    shuffled = split_index.iloc[::-1].iloc[1:].reset_index(drop=True)  # other order, one photo fewer
+    images = preprocess_for_model(source, clean, shuffled, {"image_size": 32}, {"image_size": 40, "color_mode": "rgb"})
+    assert images.shape == (len(shuffled), 3, 40, 40) and images.dtype == np.uint8
+    # row i is photo i of split_index, preprocessed at the model's size and colour (known answer: the file itself)
+    for i in (0, len(shuffled) // 2, len(shuffled) - 1):
+        expected = preprocess_bytes((photo_folder / shuffled["path"][i]).read_bytes(), image_size=40, color_mode="rgb")
+        np.testing.assert_array_equal(images[i], expected)
+
+
+def test_model_input_reuses_ingestions_pixels_when_the_parameters_match(photo_folder, caplog):
+    source = ImageSourceDataset(path=str(photo_folder)).load()
+    raw, quarantine, decoded = scan_and_decode(source, {}, {"image_size": 32})
+    clean = clean_manifest(raw, quarantine, {})[0]
+    study, index = preprocess_images(source, clean, {"image_size": 32}, decoded)
+    split_index, _, _ = split_images(index, {"open_set_fraction": 0.0})
+    with caplog.at_level("INFO"):
+        same = preprocess_for_model(source, clean, split_index, {"image_size": 32}, {}, decoded)
+    np.testing.assert_array_equal(same, study)
+    n = len(split_index)
+    assert f"{n} of {n} photos taken from ingestion's decode, 0 decoded here" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        other = preprocess_for_model(source, clean, split_index, {"image_size": 32}, {"image_size": 48}, decoded)
+    assert other.shape == (n, 1, 48, 48)
+    assert f"0 of {n} photos taken from ingestion's decode, {n} decoded here" in caplog.text
+
+
+def test_model_input_refuses_a_split_index_of_another_run(photo_folder):
+    source, clean = cleaned(photo_folder)
+    _, index = preprocess_images(source, clean, {"image_size": 32})
+    split_index, _, _ = split_images(index, {"open_set_fraction": 0.0})
+    foreign = split_index.copy()
+    foreign.loc[0, "path"] = "Elsewhere/ghost.jpg"
+    with pytest.raises(PreprocessingError, match="Elsewhere/ghost.jpg.*re-run ingestion"):
+        preprocess_for_model(source, clean, foreign, {"image_size": 32}, {"image_size": 40})

@@ -145,3 +145,25 @@ def test_interpretability_figures_and_tables_describe_the_open_set(trained):
     assert len(emap.axes[0].collections) == len(set(labels))
     assert len(gallery.axes) == 2 * 6
     assert len(per_cat_fig.axes[0].patches) == len(per_category)
+
+
+def test_the_recommended_model_preprocesses_its_own_input_the_study_models_share_image_array():
+    from partmatch.pipeline_registry import register_pipelines
+
+    pipelines = register_pipelines()
+    own = pipelines["siamese_pretrained"]
+    node = next(n for n in own.nodes if n.name == "siamese_pretrained.preprocess_model_input")
+    assert node.outputs == ["siamese_pretrained.image_array"]
+    assert {"raw_images", "clean_manifest", "decoded_images", "split_index", "params:siamese_pretrained",
+            "params:preprocessing", "params:ingestion"} <= set(node.inputs)
+    assert "image_array" not in own.inputs()   # `kedro run --pipeline=siamese_pretrained` needs no study array
+    trains = [n for n in own.nodes if "siamese_pretrained.image_array" in n.inputs]
+    assert {n.name.split(".")[1] for n in trains} == {"cache_backbone_features", "train_model", "embed_images",
+                                                      "interpret_embeddings"}
+    for study in ("cnn", "siamese_contrastive", "siamese_triplet", "multi_objective"):
+        assert "image_array" in pipelines[study].inputs()
+        assert not [n for n in pipelines[study].nodes if n.name.endswith("preprocess_model_input")]
+    # the default run builds both inputs: the study's by the preprocessing pipeline, the model's by its own node
+    default = pipelines["__default__"]
+    produced = default.all_outputs()
+    assert {"image_array", "siamese_pretrained.image_array", "split_index"} <= produced

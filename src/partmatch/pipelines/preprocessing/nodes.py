@@ -218,3 +218,38 @@ def split_images(image_index: pd.DataFrame, params: dict[str, Any]) -> tuple[pd.
     metrics = {f"{s}_images": v["images"] for s, v in summary["splits"].items()}
     metrics.update({f"{s}_categories": v["categories"] for s, v in summary["splits"].items()})
     return index, summary, as_mlflow_metrics(metrics)
+
+
+def model_input_params(preprocessing: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """``preprocessing`` with a model's own ``image_size`` / ``color_mode`` (TrainingParams; null = keep)."""
+    p = config.parse("preprocessing", preprocessing).model_dump()
+    own = config.parse("model", model, config.TrainingParams)
+    p.update({key: getattr(own, key) for key in ("image_size", "color_mode") if getattr(own, key) is not None})
+    return p
+
+
+def preprocess_for_model(raw_images: ImageSource, clean_manifest: pd.DataFrame, split_index: pd.DataFrame,
+                         preprocessing: dict[str, Any], model: dict[str, Any],
+                         decoded_images: np.ndarray | None = None,
+                         ingestion: dict[str, Any] | None = None) -> np.ndarray:
+    """A model's own input: the photos of ``split_index``, in its rows (so every split is the study's), preprocessed
+    at the model's ``image_size`` / ``color_mode`` (:func:`model_input_params`) by :func:`preprocess_images`, which
+    takes ingestion's decoded pixels where they were made with the same parameters. Fails naming the photo when
+    one of them cannot be preprocessed at this size (the rows would no longer line up with the splits)."""
+    params = model_input_params(preprocessing, model)
+    manifest = clean_manifest.drop_duplicates("path").set_index("path", drop=False)
+    missing = split_index.loc[~split_index["path"].isin(manifest.index), "path"]
+    if len(missing):
+        raise PreprocessingError(
+            f"{len(missing)} photo(s) of split_index are not in clean_manifest (e.g. {missing.iloc[0]}): they come "
+            "from different runs; re-run ingestion and preprocessing (kedro run --pipeline data)")
+    rows = manifest.loc[split_index["path"]].reset_index(drop=True)
+    images, index = preprocess_images(raw_images, rows, params, decoded_images, ingestion)
+    if len(index) != len(split_index) or not (index["path"].to_numpy() == split_index["path"].to_numpy()).all():
+        lost = sorted(set(split_index["path"]) - set(index["path"]))
+        raise PreprocessingError(
+            f"{len(lost)} photo(s) of split_index could not be preprocessed at {params['image_size']} px "
+            f"{params['color_mode']} (e.g. {lost[:1]}): the model's input would not line up with the splits")
+    logger.info("model input: %d photos at %d px %s, in split_index's rows.", len(images), params["image_size"],
+                params["color_mode"])
+    return images

@@ -2,7 +2,8 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from partmatch.config import MODEL_PIPELINES
+from partmatch.config import MODEL_PIPELINES, OWN_INPUT_MODELS
+from partmatch.pipelines.preprocessing.nodes import preprocess_for_model
 
 from .nodes import (
     cache_backbone_features,
@@ -17,15 +18,22 @@ from .nodes import (
 )
 
 SHARED_INPUTS = {"image_array", "split_index"}
+# what a model with its own input (config.OWN_INPUT_MODELS) preprocesses again, at its image_size / color_mode:
+# the photos of split_index (same rows, same splits), reusing ingestion's decoded pixels where the parameters match
+OWN_INPUT_SOURCES = {"raw_images", "clean_manifest", "decoded_images", "split_index"}
 # models whose pipeline caches frozen pretrained-backbone features (train_mode: frozen): only these show the
 # cache node and the backbone_features dataset
 FEATURE_CACHING_MODELS = ("siamese_pretrained", "multi_objective")
 
 
-def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
-    """The template: (cache frozen features) -> train -> embed every image once -> calibrate the pair threshold
-    -> evaluate, and interpretability figures; the embeddings also become the gallery index the served model
-    searches."""
+def create_pipeline(cached_features: bool = False, own_input: bool = False, **kwargs) -> Pipeline:
+    """The template: (the model's own input) -> (cache frozen features) -> train -> embed every image once ->
+    calibrate the pair threshold -> evaluate, and interpretability figures; the embeddings also become the
+    gallery index the served model searches. With ``own_input`` the images are the photos of ``split_index`` preprocessed at the model's
+    ``image_size`` / ``color_mode`` (``<model>.image_array``), not the study's shared ``image_array``."""
+    own = [Node(preprocess_for_model, ["raw_images", "clean_manifest", "split_index", "params:preprocessing",
+                                       "params:model", "decoded_images", "params:ingestion"], "image_array",
+                name="preprocess_model_input", tags=["preprocessing"])] if own_input else []
     if cached_features:
         head = [
             Node(cache_backbone_features, ["image_array", "params:model"], "backbone_features",
@@ -45,6 +53,7 @@ def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
         ]
     return Pipeline(
         [
+            *own,
             *head,
             Node(calibrate_threshold, ["uncalibrated_model", "embeddings", "split_index", "params:model"],
                  ["model", "threshold_sweep", "pair_distance_histogram", "threshold_curves"],
@@ -63,13 +72,17 @@ def create_pipeline(cached_features: bool = False, **kwargs) -> Pipeline:
 
 
 def create_model_pipeline(name: str) -> Pipeline:
-    """The template under namespace ``name``; hyper-parameters come from ``params:<name>``."""
+    """The template under namespace ``name``; hyper-parameters come from ``params:<name>``. A model of
+    ``config.OWN_INPUT_MODELS`` preprocesses its own ``<name>.image_array`` (from ingestion's outputs and
+    ``split_index``); the others share the study's ``image_array``."""
+    own_input = name in OWN_INPUT_MODELS
     return Pipeline(
-        create_pipeline(cached_features=name in FEATURE_CACHING_MODELS),
+        create_pipeline(cached_features=name in FEATURE_CACHING_MODELS, own_input=own_input),
         namespace=name,
-        inputs=SHARED_INPUTS,
+        inputs=OWN_INPUT_SOURCES if own_input else SHARED_INPUTS,
         parameters={"params:model": f"params:{name}", "params:preprocessing": "params:preprocessing",
-                    "params:search.index": "params:search.index"},
+                    "params:search.index": "params:search.index",
+                    **({"params:ingestion": "params:ingestion"} if own_input else {})},
         tags=["training", name],
     )
 
