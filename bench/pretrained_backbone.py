@@ -64,18 +64,24 @@ CONFIGS = {
 }
 
 
-def load(source: str, size: int, split: dict | None = None):
-    """Cleaned, preprocessed and split photos at ``size`` px (grayscale, as the study); also the index before
-    splitting, to re-split with other seeds."""
-    raw = ImageSourceDataset(path=source).load()
-    manifest, quarantine = scan_source(raw, {})
-    clean = clean_manifest(manifest, quarantine, {})[0]
-    images, index = preprocess_images(raw, clean, {"image_size": size})
+_CLEAN: dict[str, tuple] = {}
+
+
+def load(source: str, size: int, split: dict | None = None, color_mode: str = "grayscale"):
+    """Cleaned, preprocessed and split photos at ``size`` px (grayscale, as the study, or rgb); also the index
+    before splitting, to re-split with other seeds. The source is scanned and cleaned once per run."""
+    if source not in _CLEAN:
+        raw = ImageSourceDataset(path=source).load()
+        manifest, quarantine = scan_source(raw, {})
+        _CLEAN[source] = (raw, clean_manifest(manifest, quarantine, {})[0])
+    raw, clean = _CLEAN[source]
+    images, index = preprocess_images(raw, clean, {"image_size": size, "color_mode": color_mode})
     split_index, summary, _ = split_images(index, dict(split or {}))
     return images, split_index, summary, index
 
 
 _FEATURES: dict[tuple, np.ndarray] = {}
+FEATURE_CACHE: Path | None = None  # --feature-cache: frozen features kept on disk between runs (same source)
 
 
 def features(images, p: config.TrainingParams) -> np.ndarray:
@@ -84,10 +90,21 @@ def features(images, p: config.TrainingParams) -> np.ndarray:
     does not train on cached features."""
     if not workflow.uses_cached_features(p):
         return np.zeros((0, 0), dtype=np.float32)
-    key = (images.shape, p.backbone, p.pretrained, p.weights_path)  # one source per run: shape tells 100/224 px
+    # one source per run: the shape tells the size and colour mode
+    key = (images.shape, p.backbone, p.pretrained, p.weights_path, p.backbone_precision)
     if key not in _FEATURES:
-        _FEATURES[key] = workflow.backbone_features(images, config.TrainingParams(**{**p.model_dump(),
-                                                                                     "flip_tta": True}))
+        file = None
+        if FEATURE_CACHE is not None:
+            n, c, h, _ = images.shape
+            file = FEATURE_CACHE / f"{p.backbone}_{n}x{c}x{h}_{p.backbone_precision}_{p.pretrained}.npy"
+        if file is not None and file.is_file():
+            _FEATURES[key] = np.load(file)
+        else:
+            _FEATURES[key] = workflow.backbone_features(images, config.TrainingParams(**{**p.model_dump(),
+                                                                                         "flip_tta": True}))
+            if file is not None:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                np.save(file, _FEATURES[key])
     both = _FEATURES[key]
     return both if workflow.feature_views(p) == 2 else both[:, 0]
 
@@ -171,6 +188,79 @@ def open_set_protocol(images, unsplit, size: int, fraction: float, seeds: list[i
     return "\n".join(lines)
 
 
+TARGET_MAP, TARGET_P1 = 0.08, 0.02  # issue 10: the head beats the untrained features by this much on every split
+
+
+def _open_metrics(emb: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    m = evaluation.retrieval_metrics(emb[rows], codes[rows], prefix="open_set_")
+    return np.array([m["open_set_precision_at_1"], m["open_set_map_at_r"]])
+
+
+def _head_scores(images, feats, both, index, codes, rows, p, size, mode) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(untrained, trained head) open-set [P@1, MAP@R] on ``rows`` of ``index``'s held-out categories, and the
+    training summary; the head trains on ``index``'s train split (early stopping on its val split)."""
+    untrained = _open_metrics(off_the_shelf(both, bool(p.flip_tta)), codes, rows)
+    # frozen mode reads only the images' shape: a zero-copy stand-in of the right length
+    stand_in = np.broadcast_to(images[:1], (len(feats), *images.shape[1:]))
+    bundle, _, run = workflow.train(stand_in, index, p, None, {"image_size": size, "color_mode": mode},
+                                    features=feats)
+    head = _open_metrics(workflow.embed_cached_features(bundle, feats, rows), codes[rows], np.arange(len(rows)))
+    return untrained, head, run
+
+
+def grid_protocol(source: str, split: dict, fraction: float, seeds: list[int], params: dict, backbones: list[str],
+                  sizes: list[int], color_modes: list[str], validation_fraction: float) -> str:
+    """Every (backbone, size, colour mode): the untrained features against the trained head at the SAME input,
+    on ``seeds`` class-disjoint open sets (``fraction`` of the categories each). Also, per split, a class-disjoint
+    VALIDATION split of the training categories (``validation_fraction`` of them held out, the rest trains the
+    head): the configuration is chosen there, never on the open set. The untrained baseline is the L2-normalised
+    features, flip-averaged when the head uses flip averaging (like for like)."""
+    rows_out = ["| backbone | px | colour | split | untrained open P@1 / MAP@R | head open P@1 / MAP@R | gain P@1 / MAP@R"
+                " | target | validation: untrained -> head MAP@R | epochs (best) |", "|---|---:|---|---:|---|---|---|---|---|---|"]
+    summary = ["| backbone | px | colour | untrained open P@1 / MAP@R | head open P@1 / MAP@R | mean gain P@1 / MAP@R | "
+               "target met (splits) | validation head P@1 / MAP@R | validation gain MAP@R | feature s |",
+               "|---|---:|---|---|---|---|---:|---|---|---:|"]
+    cell = lambda v: f"{v[0]:.4f} / {v[1]:.4f}"  # noqa: E731
+    for mode in color_modes:
+        for size in sizes:
+            images, _, _, unsplit = load(source, size, split, mode)
+            codes = np.asarray(index_codes(unsplit))
+            for name in backbones:
+                p = config.TrainingParams(**{**params, "backbone": name})
+                t0 = time.perf_counter()
+                feats = features(images, p)
+                both = features(images, config.TrainingParams(**{**p.model_dump(), "flip_tta": True}))
+                feature_seconds = time.perf_counter() - t0
+                acc = {"u": [], "h": [], "vu": [], "vh": []}
+                for seed in seeds:
+                    index, _, _ = split_images(unsplit, {"open_set_fraction": fraction, "seed": seed})
+                    rows = workflow.split_rows(index, "open")
+                    u, h, run = _head_scores(images, feats, both, index, codes, rows, p, size, mode)
+                    known = np.flatnonzero(index["split"].to_numpy() != "open")
+                    inner, _, _ = split_images(unsplit.iloc[known].reset_index(drop=True),
+                                               {"open_set_fraction": validation_fraction, "seed": 1000 + seed})
+                    vrows = workflow.split_rows(inner, "open")
+                    vu, vh, _ = _head_scores(images, feats[known], both[known], inner, codes[known], vrows, p,
+                                             size, mode)
+                    for k, v in (("u", u), ("h", h), ("vu", vu), ("vh", vh)):
+                        acc[k].append(v)
+                    g = h - u
+                    ok = g[1] >= TARGET_MAP and g[0] >= TARGET_P1
+                    rows_out.append(f"| {name} | {size} | {mode} | {seed} | {cell(u)} | {cell(h)} | "
+                                    f"{g[0]:+.4f} / {g[1]:+.4f} | {'yes' if ok else 'no'} | {vu[1]:.4f} -> {vh[1]:.4f} "
+                                    f"| {run['epochs_run']} ({run['best_epoch']}) |")
+                    print(rows_out[-1], flush=True)
+                a = {k: np.stack(v) for k, v in acc.items()}
+                gains = a["h"] - a["u"]
+                met = int(((gains[:, 1] >= TARGET_MAP) & (gains[:, 0] >= TARGET_P1)).sum())
+                summary.append(f"| {name} | {size} | {mode} | {cell(a['u'].mean(0))} | {cell(a['h'].mean(0))} | "
+                               f"{gains[:, 0].mean():+.4f} / {gains[:, 1].mean():+.4f} | {met}/{len(seeds)} | "
+                               f"{cell(a['vh'].mean(0))} | {(a['vh'] - a['vu'])[:, 1].mean():+.4f} | "
+                               f"{feature_seconds:.0f} |")
+                print(summary[-1], flush=True)
+    return "\n".join(rows_out + [""] + summary)
+
+
 def index_codes(index):
     """Integer codes of every photo's category (open-set categories need ids too)."""
     return index["label"].factorize()[0]
@@ -190,20 +280,53 @@ def main() -> None:
     ap.add_argument("--split-seeds", type=int, default=0, metavar="K",
                     help="instead of the rows: no training vs the recommended head over K seeded class-disjoint "
                          "splits (seeds 0..K-1), 100 px")
+    ap.add_argument("--backbones", nargs="*", default=None,
+                    help="with --split-seeds: the grid over backbones x --sizes x --color-modes, each against the "
+                         "untrained features at the same input, with a class-disjoint validation split for choosing")
+    ap.add_argument("--sizes", nargs="*", type=int, default=[100], help="grid: image sizes in px (default 100)")
+    ap.add_argument("--color-modes", nargs="*", default=["grayscale"], choices=["grayscale", "rgb"],
+                    help="grid: colour modes (default grayscale)")
+    ap.add_argument("--validation-fraction", type=float, default=0.3,
+                    help="grid: share of the training categories held out as the validation split (default 0.3)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="grid: override the recommended head's parameters (YAML values), e.g. preserve_weight=10")
+    ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                    help="frozen features' precision (default: the recommended backbone_precision)")
+    ap.add_argument("--feature-cache", default=None, help="folder keeping frozen features between runs")
+    ap.add_argument("--out", default=None, help="grid: result file name under bench/results")
     args = ap.parse_args()
+    global FEATURE_CACHE
+    FEATURE_CACHE = Path(args.feature_cache) if args.feature_cache else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rec = recommended()
     split = {} if args.open_set_fraction is None else {"open_set_fraction": args.open_set_fraction}
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    if args.split_seeds:
-        images, _, _, unsplit = load(args.source, 100, split)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        rec[key] = yaml.safe_load(value)
+    if args.precision:
+        rec["backbone_precision"] = args.precision
+    if args.split_seeds and args.backbones:
         fraction = split.get("open_set_fraction", config.SplitParams().open_set_fraction)
-        report = open_set_protocol(images, unsplit, 100, fraction, list(range(args.split_seeds)), rec)
+        report = grid_protocol(args.source, split, fraction, list(range(args.split_seeds)), rec, args.backbones,
+                               args.sizes, args.color_modes, args.validation_fraction)
+        print(report)
+        overrides = ", ".join(args.set) or "none"
+        (out / (args.out or "pretrained_backbone_grid.md")).write_text(
+            f"open_set_fraction {fraction}, validation_fraction {args.validation_fraction}, head = "
+            f"conf/base/parameters_siamese_pretrained.yml with overrides: {overrides}; features "
+            f"{rec['backbone_precision']}\n\n" + report + "\n")
+        return
+    if args.split_seeds:
+        size, mode = rec.get("image_size") or 100, rec.get("color_mode") or "grayscale"  # the model's own input
+        images, _, _, unsplit = load(args.source, size, split, mode)
+        fraction = split.get("open_set_fraction", config.SplitParams().open_set_fraction)
+        report = open_set_protocol(images, unsplit, size, fraction, list(range(args.split_seeds)), rec)
         print(report)
         (out / "pretrained_backbone_splits.md").write_text(
-            f"open_set_fraction {fraction}, 100 px, recommended = conf/base/parameters_siamese_pretrained.yml\n\n"
-            + report + "\n")
+            f"open_set_fraction {fraction}, {size} px {mode}, recommended = "
+            "conf/base/parameters_siamese_pretrained.yml\n\n" + report + "\n")
         return
     configs = {"recommended": (f"recommended = siamese_pretrained defaults ({rec['train_mode']}, {rec['loss']}"
                                f"{'/' + rec['sampling'] if rec['loss'] == 'triplet' else ''}, head_init "

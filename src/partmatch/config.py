@@ -539,7 +539,7 @@ def validate_all(params: dict[str, Any]) -> dict[str, Any]:
             continue
         own = [key for key in ("image_size", "color_mode") if getattr(p, key) is not None]
         if own:
-            problems.append(f"Invalid parameters:\n" + "\n".join(
+            problems.append("Invalid parameters:\n" + "\n".join(
                 f"  - '{section}.{key}': only {', '.join(OWN_INPUT_MODELS)} has its own input; {section} trains on "
                 f"image_array (set preprocessing.{key} instead)" for key in own)
                 + f"\nFix them in conf/base/{PARAMETER_FILES[section]}.")
