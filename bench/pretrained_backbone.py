@@ -17,6 +17,17 @@ open-set (leave-one-out over unseen categories) precision@1 and MAP@R, training 
 Frozen features are computed once per image size and shared; the no-training row's wall time is that cost,
 and the frozen rows' wall times exclude it.
 Writes the table to bench/results/pretrained_backbone.md.
+
+    python bench/pretrained_backbone.py --split-seeds 5 --open-set-fraction 0.3 \
+        --backbones efficientnet_lite0 efficientnet_lite2 --sizes 100 160 224 --color-modes grayscale rgb \
+        [--set preserve_weight=10 epochs=20] [--precision bf16] [--feature-cache /tmp/features] [--out NAME.md]
+
+The grid (issue 10): for every backbone x size x colour mode, the untrained features (L2-normalised, flip-averaged
+like the head) against the recommended head trained on them at the SAME input, on 5 seeded class-disjoint open
+sets; per split the gains and whether they reach the target (open MAP@R +0.08 and P@1 +0.02). Each split also
+holds out --validation-fraction of its TRAINING categories as a class-disjoint validation split (the head
+trains on the rest): choose the configuration by the validation columns, never by the open set. Run subsets of
+the grid per invocation on a small CPU; --feature-cache keeps the frozen features between invocations.
 """
 
 from __future__ import annotations
@@ -279,7 +290,7 @@ def main() -> None:
                          f"{config.SplitParams().open_set_fraction})")
     ap.add_argument("--split-seeds", type=int, default=0, metavar="K",
                     help="instead of the rows: no training vs the recommended head over K seeded class-disjoint "
-                         "splits (seeds 0..K-1), 100 px")
+                         "splits (seeds 0..K-1), at the model's own image_size / color_mode (or the --backbones grid)")
     ap.add_argument("--backbones", nargs="*", default=None,
                     help="with --split-seeds: the grid over backbones x --sizes x --color-modes, each against the "
                          "untrained features at the same input, with a class-disjoint validation split for choosing")
