@@ -106,7 +106,9 @@ def main() -> None:
     from partmatch.ml.inference import _run_batches, embed_images
 
     params = yaml.safe_load(PARAMS_FILE.read_text())["siamese_pretrained"]
-    p = TrainingParams(**{**params, "progress": False, "device": "cpu"})  # the pipeline's own eval_batch_size
+    # the pipeline's own eval_batch_size / precision, on the backbone this bench checks (the recommended model
+    # moved to Lite2 at 224 px RGB; these rows stay EfficientNet-Lite0 on grey photos)
+    p = TrainingParams(**{**params, "backbone": "efficientnet_lite0", "progress": False, "device": "cpu"})
     mean, std = workflow.normalisation(p, 1)
     peak, peak_cpu = matmul_peak(args.mm, max(args.repeats, 3))
     print(f"torch {torch.__version__}, {args.threads} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}"

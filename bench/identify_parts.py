@@ -15,7 +15,9 @@ open_set_rejection) -- no Kedro in the loop, so every number below is one functi
 Run after preprocessing the real photos once::
 
     kedro run --pipelines=ingestion,preprocessing --params=raw_source=../shared/datasets/carparts
-    python bench/identify_parts.py            # ~2-4 min on 2 cores at 100 px
+    kedro run --pipeline=siamese_pretrained --nodes=siamese_pretrained.preprocess_model_input \
+        --params=raw_source=../shared/datasets/carparts     # the model's own input (its image_size / color_mode)
+    python bench/identify_parts.py            # ~2-4 min on 2 cores at 100 px, more at 224
 
 Writes ``bench/results/identify_parts.md`` and ``bench/results/identify_parts_rejection.png``.
 """
@@ -47,7 +49,8 @@ def latest(pattern: str) -> Path:
     found = sorted(ROOT.glob(pattern))
     if not found:
         raise SystemExit(f"no {pattern} under {ROOT}: run `kedro run --pipelines=ingestion,preprocessing "
-                         "--params=raw_source=../shared/datasets/carparts` first")
+                         "--params=raw_source=../shared/datasets/carparts` and `kedro run --pipeline=siamese_pretrained "
+                         "--nodes=siamese_pretrained.preprocess_model_input --params=raw_source=...` first")
     return found[-1]
 
 
@@ -68,7 +71,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    images = np.load(latest("data/04_feature/image_array.npy/*/image_array.npy"))
+    # the recommended model's own input (its image_size / color_mode), made by its pipeline's preprocess_model_input
+    images = np.load(latest("data/04_feature/siamese_pretrained/image_array.npy/*/image_array.npy"))
     index = pd.read_parquet(latest("data/05_model_input/split_index.parquet/*/split_index.parquet"))
     raw = yaml.safe_load((ROOT / "conf/base/parameters_siamese_pretrained.yml").read_text())["siamese_pretrained"]
     p = TrainingParams(**{**raw, "progress": False, "checkpoint_dir": None,
