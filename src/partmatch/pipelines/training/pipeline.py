@@ -29,8 +29,9 @@ FEATURE_CACHING_MODELS = ("siamese_pretrained", "multi_objective")
 def create_pipeline(cached_features: bool = False, own_input: bool = False, **kwargs) -> Pipeline:
     """The template: (the model's own input) -> (cache frozen features) -> train -> embed every image once ->
     calibrate the pair threshold -> evaluate, and interpretability figures; the embeddings also become the
-    gallery index the served model searches. With ``own_input`` the images are the photos of ``split_index`` preprocessed at the model's
-    ``image_size`` / ``color_mode`` (``<model>.image_array``), not the study's shared ``image_array``."""
+    gallery index the served model searches. With ``own_input`` the images are the photos of ``split_index``
+    preprocessed at the model's ``image_size`` / ``color_mode`` (``<model>.image_array``), not the study's shared
+    ``image_array``."""
     own = [Node(preprocess_for_model, ["raw_images", "clean_manifest", "split_index", "params:preprocessing",
                                        "params:model", "decoded_images", "params:ingestion"], "image_array",
                 name="preprocess_model_input", tags=["preprocessing"])] if own_input else []
