@@ -91,7 +91,28 @@ HEAD_ROWS: dict[str, dict] = {
     "siamese_pretrained (as configured)": {**conf("siamese_pretrained"), "patience": None},
     "multi_objective (as configured)": {**MO, "patience": None},
 }
+FLAT = ("loss", "sampler", "sampling", "margin", "margin2", "proxy_weight", "proxy_lr_multiplier", "m_per_class")
+# the study trunk of siamese_triplet (64-d, L2-normalised) without its penalty: each loss alone moves the features
+TRUNK = {k: v for k, v in conf("siamese_triplet").items() if k not in FLAT} | {"preserve_weight": 0.0,
+                                                                                "patience": None}
+
+
+def on_trunk(*parts: dict, sampler: dict | None = None) -> dict:
+    return {**TRUNK, "loss": {"parts": follow(list(parts))}, "sampler": sampler or {"name": "m_per_class", "m": 4}}
+
+
+CNN = {k: v for k, v in conf("cnn").items() if k not in FLAT} | {"patience": None, "loss": {"parts": [
+    {"name": "cross_entropy"}]}}
 SCRATCH_ROWS = {"cnn (study, scratch)": conf("cnn") | {"patience": None},
+                "cnn + augment (scratch)": CNN | {"augment": True},
+                "cnn + augment + over-sampling to 150 (scratch)": CNN | {
+                    "augment": True, "sampler": {"name": "shuffled", "oversample_to": 150}},
+                "triplet semi-hard (scratch)": on_trunk({"name": "triplet", "args": {"margin": 0.2},
+                                                         "miner": {"name": "semihard", "args": {"margin": 0.2}}}),
+                "quadruplet (scratch)": on_trunk({"name": "quadruplet", "args": {"margin1": 0.2, "margin2": 0.1}}),
+                "proxy_anchor (scratch)": on_trunk({"name": "proxy_anchor"}),
+                "multi_similarity + miner (scratch)": on_trunk(copy.deepcopy(MO_PARTS[0])),
+                "multi_objective (scratch)": on_trunk(*copy.deepcopy(MO_PARTS), sampler=MO["sampler"]),
                 "siamese_contrastive (study, scratch)": conf("siamese_contrastive") | {"patience": None},
                 "siamese_triplet random (study, scratch)": conf("siamese_triplet") | {
                     "sampling": "random", "preserve_weight": 0.0, "patience": None}}
