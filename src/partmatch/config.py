@@ -148,7 +148,13 @@ class RerankParams(_Params):
         if self.mode == "k_reciprocal" and self.k1 > self.top_n:
             raise ValueError(f"k1 ({self.k1}) cannot exceed top_n ({self.top_n}): the k-reciprocal sets are taken "
                              "among the query's top_n candidates")
+        if self.mode == "k_reciprocal" and self.top_n > K_RECIPROCAL_MAX_TOP_N:
+            raise ValueError(f"top_n ({self.top_n}) above {K_RECIPROCAL_MAX_TOP_N} with k_reciprocal: its cost grows "
+                             f"with the cube of top_n (~23 ms per query at 100, ~20 s at 1000); lower top_n")
         return self
+
+
+K_RECIPROCAL_MAX_TOP_N = 500
 
 
 # Feature sizes of the registered pretrained backbones (partmatch.ml.backbones), for checks before any work.
@@ -317,6 +323,9 @@ class TrainingParams(_Params):
         if self.backbone == "pca" and self.pretrained:
             raise ValueError("backbone 'pca' is fitted on the train split; it has no pretrained weights "
                              "(set pretrained: false)")
+        if self.backbone == "pca" and self.backbone_precision == "bf16":
+            raise ValueError("backbone 'pca' projects in fp32 (the catalogue's features are fp32, so query photos "
+                             "must be too): set backbone_precision: auto or fp32")
         if self.head_hidden and self.task != "embedding":
             raise ValueError("head_hidden (an MLP head) is for embedding models (task: embedding)")
         if self.head_hidden and self.head_init == "identity":

@@ -281,3 +281,28 @@ def test_each_part_of_a_combined_loss_is_recorded_per_epoch_and_the_parts_add_up
         terms = {k: v for k, v in record.items() if k.startswith("train_loss_")}
         assert sorted(terms) == ["train_loss_contrastive", "train_loss_preserve", "train_loss_proxy_anchor"]
         assert sum(terms.values()) == pytest.approx(record["train_loss"], rel=1e-5)
+
+
+def test_a_proxy_anchor_checkpoint_written_before_losses_had_parts_resumes(tmp_path):
+    """``last.pt`` of a lone Proxy-Anchor (with the similarity penalty) from before the losses registry stored the
+    proxies as ``inner.criterion.proxies``; they now live at ``inner.parts.0.criterion.proxies``. Resuming such a
+    checkpoint continues it: the result equals an uninterrupted run's."""
+    def objective(model):
+        return SimilarityPreservingObjective(build_objective("proxy_anchor", {}, 4, 8), 1.0,
+                                             copy.deepcopy(model.backbone))
+
+    whole = small_model()
+    fit(whole, objective(whole), toy_images(), None, config(epochs=2))
+    cut = small_model()
+    fit(cut, objective(cut), toy_images(), None, config(epochs=1, checkpoint_dir=str(tmp_path)))
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    for key in ("objective", "best_objective_state"):   # rewrite it as the old code wrote it
+        assert "inner.parts.0.criterion.proxies" in ckpt[key]
+        ckpt[key] = {k.replace("parts.0.", ""): v for k, v in ckpt[key].items()}
+    torch.save(ckpt, tmp_path / "last.pt")
+    resumed = small_model()
+    result = fit(resumed, objective(resumed), toy_images(), None,
+                 config(epochs=2, checkpoint_dir=str(tmp_path), resume=True))
+    assert result.resumed_from_epoch == 1
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

@@ -337,13 +337,14 @@ def linear_svm_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, test_em
     if len(np.unique(ytr)) < 2 or len(xte) == 0:
         return float("nan")
     xte = _geometry(xte, distance)
-    steps = []
+    steps = [StandardScaler()]
     if xtr.shape[1] > SVM_MAX_DIM and len(xtr) > SVM_MAX_DIM:
-        steps.append(PCA(n_components=min(SVM_REDUCED_DIM, *xtr.shape), random_state=seed))
-    elif xtr.shape[1] > len(xtr):
+        steps.insert(0, PCA(n_components=min(SVM_REDUCED_DIM, *xtr.shape), random_state=seed))
+    elif xtr.shape[1] > len(xtr):  # standardise, then rotate onto the span: no second scaling (it would whiten)
         scaler = StandardScaler().fit(xtr)
         xtr, xte = span_coordinates(scaler.transform(xtr).astype(np.float32), scaler.transform(xte))
-    model = make_pipeline(*steps, StandardScaler(), LinearSVC(C=1.0, random_state=seed, max_iter=2000))
+        steps = []
+    model = make_pipeline(*steps, LinearSVC(C=1.0, random_state=seed, max_iter=2000))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the probe's accuracy is what counts, logged anyway
         model.fit(xtr, ytr)

@@ -421,7 +421,9 @@ def embeddings_digest(embeddings: np.ndarray) -> str:
     """SHA-256 of an embeddings array (shape, dtype and bytes): stored in the calibrated model, so whoever reads a
     model and an embeddings file can tell whether they come from the same run."""
     arr = np.ascontiguousarray(embeddings)
-    return hashlib.sha256(f"{arr.shape}|{arr.dtype}|".encode() + arr.tobytes()).hexdigest()
+    digest = hashlib.sha256(f"{arr.shape}|{arr.dtype}|".encode())
+    digest.update(memoryview(arr.reshape(-1)).cast("B"))  # the same digest as of the bytes, without copying them
+    return digest.hexdigest()
 
 
 def check_embeddings_of(bundle: dict, embeddings: np.ndarray, embeddings_name: str, model_name: str) -> None:

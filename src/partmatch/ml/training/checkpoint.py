@@ -118,6 +118,21 @@ def _shape_changes(saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor])
     return changes
 
 
+def upgrade_objective_keys(saved: dict[str, torch.Tensor] | None,
+                           now: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """An objective state written before losses were built as parts (``criterion.proxies`` of a lone Proxy-Anchor,
+    ``inner.criterion.proxies`` under the similarity penalty) under today's names (``parts.0.criterion.proxies``);
+    keys that exist today, or have no such counterpart, are kept as they are."""
+    if not saved:
+        return saved
+    upgraded = {}
+    for key, value in saved.items():
+        head, sep, tail = key.partition("criterion.")
+        candidate = f"{head}parts.0.criterion.{tail}" if sep else key
+        upgraded[candidate if key not in now and candidate in now else key] = value
+    return upgraded
+
+
 def check_resumable(path: Path, ckpt: dict[str, Any], model: nn.Module, objective: Any,
                      optimizer: torch.optim.Optimizer) -> None:
     """Refuse (naming the file, what changed and the fix) a checkpoint whose weights cannot be those of

@@ -180,6 +180,9 @@ class Trainer:
             raise ValueError(f"{path} has checkpoint version {ckpt.get('version')}, expected "
                              f"{checkpoint.CHECKPOINT_VERSION}")
         checkpoint.warn_config_changes(ckpt.get("config", {}), config)
+        now = self.objective.state_dict()
+        for key in ("objective", "best_objective_state"):  # proxies saved before losses were built as parts
+            ckpt[key] = checkpoint.upgrade_objective_keys(ckpt.get(key), now)
         checkpoint.check_resumable(path, ckpt, self.model, self.objective, self.optimizer)
         checkpoint.check_same_data(path, ckpt.get("data"), self.data_digest, len(self.train))
         self.model.load_state_dict(ckpt["model"])
