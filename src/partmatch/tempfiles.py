@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from pathlib import Path
 
 TEMP_MARK = ".tmp-"
 
@@ -33,3 +34,16 @@ def parse_temp_name(name: str) -> tuple[str, str, int] | None:
     if len(parts) != 3 or not parts[1].isdigit():
         return None
     return target, parts[0], int(parts[1])
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` written to ``path`` under a :func:`temp_name` beside it, then renamed (parent folders created): a
+    write cut short leaves the previous file intact and no partial file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(temp_name(path.name))
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from partmatch.tempfiles import write_bytes_atomic
+
 MODES: tuple[str, ...] = ("none", "qe", "k_reciprocal", "pairwise")
 PAIRWISE_FORMAT = "partmatch-pairwise-reranker"
 PAIRWISE_FORMAT_VERSION = 1
@@ -392,11 +394,7 @@ class PairwiseReranker:
 
     def save(self, path: str | Path) -> None:
         """:meth:`to_bytes` written to ``path`` (parent folders created; through a temporary file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
+        write_bytes_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> PairwiseReranker:

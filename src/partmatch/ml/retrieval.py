@@ -47,6 +47,7 @@ import pandas as pd
 
 from partmatch.ml import reranking
 from partmatch.ml.reranking import PairwiseReranker, RerankConfig
+from partmatch.tempfiles import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -724,11 +725,7 @@ class GalleryIndex:
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_bytes` to ``path`` (parent folders created; written to a temporary file first)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
+        write_bytes_atomic(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> GalleryIndex:

@@ -19,7 +19,6 @@ sampling per rank, and multiplies the loss by the world size, which multiplies t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import os
@@ -271,6 +270,3 @@ def _failure_message(exc: Any) -> str:
             f"exit code {first.exitcode}): {message}; the other processes were stopped."
             + (f"\nRank {failed_rank}'s traceback ends:\n{tail}" if tail else ""))
 
-
-def describe(config: DistributedConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
